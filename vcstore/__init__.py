@@ -29,6 +29,7 @@ from .errors import (
     UnknownTokenError,
     UnsupportedSchemeError,
 )
+from . import vc
 from .filesystem import FilesystemStore
 from .items import Item
 from .registry import delete_all, open, register_backend
@@ -57,4 +58,5 @@ __all__ = [
     "delete_all",
     "open",
     "register_backend",
+    "vc",
 ]

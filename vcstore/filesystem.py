@@ -409,7 +409,7 @@ class FilesystemStore(Store):
         _log.debug("deleted store", extra=self._log_fields)
 
     def _remove_tree(self) -> None:
-        parent, base = os.path.split(self._dir)
+        parent = os.path.dirname(self._dir)
         try:
             if _identity(self._io.stat(self._dir, follow_symlinks=False)) != self._identity:
                 return
@@ -418,7 +418,8 @@ class FilesystemStore(Store):
 
         # Renaming first removes the path in one step: from then on no process
         # can open, lock or create anything in it by path.
-        grave = f"{parent}/.{base}.deleted-{secrets.token_hex(6)}"
+        # The name stays short, so a store name of 255 characters can be deleted too.
+        grave = f"{parent}/.vcstore-deleted-{secrets.token_hex(8)}"
         try:
             self._io.replace(self._dir, grave)
         except FileNotFoundError:
