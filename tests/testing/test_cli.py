@@ -1,0 +1,406 @@
+"""`vcstore verify`, run as a user runs it: a subprocess on real directories."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vcstore_testing.cli import _parse_mountinfo, filesystem_type
+
+# Few examples: these tests check the command, not the backend.
+EXAMPLES = "3"
+
+BROKEN_FACTORY = textwrap.dedent(
+    """
+    import vcstore
+
+    class KeptLockStore:
+        # item_unlock does not release the lock.
+        def __init__(self, root):
+            self._store = vcstore.open(root)
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+        def item_unlock(self, item, token):
+            pass
+
+    NOT_CALLABLE = 42
+    """
+)
+
+RECORDING_FACTORY = textwrap.dedent(
+    """
+    import os
+    import vcstore
+
+    LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locks.log")
+
+    class RecordingStore:
+        # Appends each lock request to LOG: the sequence that hypothesis generated.
+        def __init__(self, root):
+            self._store = vcstore.open(root)
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+        def item_lock(self, item, exclusive, timeout=None):
+            with open(LOG, "a") as log:
+                log.write(f"{item.name} {exclusive}\\n")
+            return self._store.item_lock(item, exclusive=exclusive, timeout=timeout)
+    """
+)
+
+
+def verify(*args, cwd=None, env=None):
+    """Run ``vcstore verify ARGS`` and return the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "vcstore_testing.cli", "verify", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+
+
+def row(stdout: str, name: str) -> list:
+    """Return the cells of the table row for property *name*."""
+    for line in stdout.splitlines():
+        if line.startswith(name + " "):
+            return line.split(maxsplit=4)
+    raise AssertionError(f"no row for {name} in:\n{stdout}")
+
+
+def shm_is_tmpfs() -> bool:
+    try:
+        with open("/proc/mounts") as mounts:
+            return any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in mounts)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def factory_dir(tmp_path):
+    directory = tmp_path / "factories"
+    directory.mkdir()
+    (directory / "broken_backend.py").write_text(BROKEN_FACTORY)
+    (directory / "recording_backend.py").write_text(RECORDING_FACTORY)
+    return directory
+
+
+@pytest.fixture
+def target(tmp_path):
+    directory = tmp_path / "target"
+    directory.mkdir()
+    return directory
+
+
+# ---------------------------------------------------------------------------
+# A passing run
+
+
+def test_verify_passes_on_tmp_dir(target):
+    finished = verify(target, "--examples", EXAMPLES)
+
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert row(finished.stdout, "lock-exclusivity")[4] == "passed"
+
+
+def test_verify_leaves_target_empty(target):
+    verify(target, "--examples", EXAMPLES)
+
+    assert list(target.iterdir()) == []
+
+
+def test_verify_unbuilt_properties_not_available(target):
+    finished = verify(target, "--examples", EXAMPLES)
+
+    for name in ("token-bookkeeping", "round-trip", "crash-safety"):
+        assert row(finished.stdout, name)[4] == "not available"
+
+
+def test_verify_names_target(target):
+    finished = verify(target, "--examples", EXAMPLES)
+
+    assert f"target: {target}, file system: " in finished.stdout
+
+
+@pytest.mark.skipif(not shm_is_tmpfs(), reason="/dev/shm is not a tmpfs here")
+def test_verify_on_shm_names_tmpfs():
+    directory = f"/dev/shm/vcstore-cli-test-{os.getpid()}"
+    os.mkdir(directory)
+    try:
+        finished = verify(directory, "--examples", EXAMPLES)
+    finally:
+        shutil.rmtree(directory)
+
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "file system: tmpfs" in finished.stdout
+
+
+def test_verify_shows_progress_on_stderr(target):
+    finished = verify(target, "--examples", EXAMPLES)
+
+    assert f"lock-exclusivity: {EXAMPLES} of {EXAMPLES} examples" in finished.stderr
+
+
+def test_verify_accepts_file_url(target):
+    finished = verify(target.as_uri(), "--examples", EXAMPLES)
+
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert f"target: {target}," in finished.stdout
+
+
+def test_verify_creates_and_removes_missing_target(tmp_path):
+    missing = tmp_path / "new"
+
+    finished = verify(missing, "--examples", EXAMPLES)
+
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert not missing.exists()
+
+
+def test_verify_removes_default_temporary_dir(tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = dict(os.environ, TMPDIR=str(temporary))
+
+    finished = verify("--examples", EXAMPLES, env=env)
+
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert list(temporary.iterdir()) == []
+
+
+def test_verify_json(target, tmp_path):
+    report_path = tmp_path / "report.json"
+
+    verify(target, "--examples", EXAMPLES, "--json", report_path)
+
+    report = json.loads(report_path.read_text())
+    assert report["target"] == str(target)
+    assert report["filesystem"]
+    assert report["passed"] is True
+    assert [p["name"] for p in report["properties"]] == [
+        "lock-exclusivity",
+        "token-bookkeeping",
+        "round-trip",
+        "crash-safety",
+    ]
+
+
+def test_verify_json_property_fields(target, tmp_path):
+    report_path = tmp_path / "report.json"
+
+    verify(target, "--examples", EXAMPLES, "--json", report_path)
+
+    checked, *missing = json.loads(report_path.read_text())["properties"]
+    assert checked["passed"] is True
+    assert checked["examples"] == int(EXAMPLES)
+    assert checked["steps"] >= 1
+    assert checked["seconds"] > 0
+    assert checked["counterexample"] is None
+    assert [p["passed"] for p in missing] == [None, None, None]
+    assert [p["status"] for p in missing] == ["not available"] * 3
+
+
+def test_verify_seed_repeats_run(target, factory_dir):
+    log_path = factory_dir / "locks.log"
+    logs = []
+    for _ in range(2):
+        verify(
+            target,
+            "--examples",
+            EXAMPLES,
+            "--seed",
+            "7",
+            "--factory",
+            "recording_backend:RecordingStore",
+            cwd=factory_dir,
+        )
+        logs.append(log_path.read_text())
+        log_path.unlink()
+
+    assert logs[0]
+    assert logs[0] == logs[1]
+
+
+# ---------------------------------------------------------------------------
+# A failing backend
+
+
+def test_broken_factory_exits_1(target, factory_dir):
+    finished = verify(
+        target, "--examples", "20", "--factory", "broken_backend:KeptLockStore", cwd=factory_dir
+    )
+
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+    assert row(finished.stdout, "lock-exclusivity")[4] == "failed"
+
+
+def test_broken_factory_prints_steps(target, factory_dir):
+    finished = verify(
+        target, "--examples", "20", "--factory", "broken_backend:KeptLockStore", cwd=factory_dir
+    )
+
+    assert "Shortest failing steps found by hypothesis:" in finished.stdout
+    assert "state = LockExclusivityMachine()" in finished.stdout
+    assert "state.item_lock(" in finished.stdout
+
+
+def test_broken_factory_json(target, factory_dir, tmp_path):
+    report_path = tmp_path / "report.json"
+
+    verify(
+        target,
+        "--examples",
+        "20",
+        "--factory",
+        "broken_backend:KeptLockStore",
+        "--json",
+        report_path,
+        cwd=factory_dir,
+    )
+
+    report = json.loads(report_path.read_text())
+    checked = report["properties"][0]
+    assert report["passed"] is False
+    assert checked["passed"] is False
+    assert checked["status"] == "failed"
+    assert "state.item_lock(" in checked["counterexample"]
+
+
+def test_broken_factory_leaves_target_empty(target, factory_dir):
+    verify(target, "--examples", "20", "--factory", "broken_backend:KeptLockStore", cwd=factory_dir)
+
+    assert list(target.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# Usage errors
+
+
+def test_unknown_option_exits_2(target):
+    assert verify(target, "--no-such-option").returncode == 2
+
+
+def test_zero_workers_exits_2(target):
+    assert verify(target, "--workers", "0").returncode == 2
+
+
+def test_target_file_exits_2(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("")
+
+    finished = verify(path)
+
+    assert finished.returncode == 2
+    assert "is not a directory" in finished.stderr
+
+
+def test_target_missing_parent_exits_2(tmp_path):
+    finished = verify(tmp_path / "missing" / "target")
+
+    assert finished.returncode == 2
+    assert "does not exist" in finished.stderr
+
+
+def test_target_url_with_host_exits_2():
+    finished = verify("file://tmp/x")
+
+    assert finished.returncode == 2
+    assert "empty host" in finished.stderr
+
+
+def test_target_other_scheme_exits_2():
+    finished = verify("s3://bucket/x")
+
+    assert finished.returncode == 2
+    assert "unsupported URL scheme" in finished.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("broken_backend", "expected MODULE:CALLABLE"),
+        ("no_such_module:open", "cannot import module"),
+        ("broken_backend:missing", "has no attribute"),
+        ("broken_backend:NOT_CALLABLE", "not a callable"),
+    ],
+)
+def test_bad_factory_exits_2(target, factory_dir, spec, message):
+    finished = verify(target, "--factory", spec, cwd=factory_dir)
+
+    assert finished.returncode == 2
+    assert message in finished.stderr
+
+
+def test_missing_testing_extra_exits_2():
+    script = (
+        "import sys\n"
+        "sys.modules['hypothesis'] = None\n"
+        "from vcstore_testing.cli import main\n"
+        "sys.exit(main(['verify']))\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+
+    assert finished.returncode == 2
+    assert "pip install 'vcstore[testing]'" in finished.stderr
+
+
+@pytest.mark.skipif(shutil.which("vcstore") is None, reason="console script not installed")
+def test_console_script_help():
+    finished = subprocess.run(
+        ["vcstore", "verify", "--help"], capture_output=True, text=True, timeout=60
+    )
+
+    assert finished.returncode == 0
+    assert "--examples N" in finished.stdout
+
+
+# ---------------------------------------------------------------------------
+# File-system type
+
+
+def test_filesystem_type_longest_prefix_wins():
+    mounts = [("/", "ext4"), ("/data/fast", "tmpfs"), ("/data", "nfs")]
+
+    assert filesystem_type("/data/fast/x", mounts) == "tmpfs"
+    assert filesystem_type("/data/x", mounts) == "nfs"
+    assert filesystem_type("/srv", mounts) == "ext4"
+
+
+def test_filesystem_type_prefix_is_whole_component():
+    mounts = [("/", "ext4"), ("/data", "nfs")]
+
+    assert filesystem_type("/database", mounts) == "ext4"
+
+
+def test_filesystem_type_later_mount_wins():
+    mounts = [("/", "ext4"), ("/mnt", "ext4"), ("/mnt", "tmpfs")]
+
+    assert filesystem_type("/mnt/x", mounts) == "tmpfs"
+
+
+def test_filesystem_type_unknown_without_mounts():
+    assert filesystem_type("/x", []) == "unknown"
+
+
+def test_mountinfo_parsed_with_optional_fields():
+    text = (
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "36 22 0:30 / /mnt/my\\040disk rw master:1 shared:2 - xfs /dev/sdb rw\n"
+        "40 22 0:31 / /run rw - tmpfs tmpfs rw\n"
+    )
+
+    assert _parse_mountinfo(text) == [
+        ("/", "ext4"),
+        ("/mnt/my disk", "xfs"),
+        ("/run", "tmpfs"),
+    ]
