@@ -7,6 +7,35 @@ backend by subclassing it and setting ``store_factory``. The machines carry no
 or load a settings profile.
 """
 
-from .lock_exclusivity import LockExclusivityMachine
+import importlib
 
-__all__ = ["LockExclusivityMachine"]
+__all__ = [
+    "CrashSafetyMachine",
+    "LockExclusivityMachine",
+    "RoundTripMachine",
+    "StoreMachine",
+    "TokenBookkeepingMachine",
+]
+
+_HOMES = {
+    "CrashSafetyMachine": "crash_safety",
+    "LockExclusivityMachine": "lock_exclusivity",
+    "RoundTripMachine": "round_trip",
+    "StoreMachine": "base",
+    "TokenBookkeepingMachine": "token_bookkeeping",
+}
+
+
+def __getattr__(name: str):
+    # Each machine is imported when first named, so one machine's module can
+    # be used without importing the others.
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(__all__))

@@ -23,28 +23,16 @@ A downstream project checks its own backend by subclassing::
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    Bundle,
-    RuleBasedStateMachine,
-    consumes,
-    initialize,
-    invariant,
-    multiple,
-    precondition,
-    rule,
-)
+from hypothesis.stateful import Bundle, consumes, invariant, multiple, precondition, rule
 
-import vcstore
 from vcstore import Item, LockTimeoutError
 
-from ..probe import LOCK_STATES, Prober
-from ..workers import Worker, WorkerPool
+from ..probe import LOCK_STATES
+from .base import StoreMachine
 
 __all__ = ["HeldToken", "LockExclusivityMachine"]
 
@@ -64,70 +52,21 @@ class HeldToken:
         return f"worker {self.worker} holds a {kind} token on {self.item!r}"
 
 
-class LockExclusivityMachine(RuleBasedStateMachine):
+class LockExclusivityMachine(StoreMachine):
     """Check item-lock exclusion between worker processes against a model.
 
-    Class attributes, for subclasses to set:
-
-    - ``store_factory``: a callable that takes a root directory and returns an
-      object with the store API. Every worker (and the probe process) calls it
-      with the same existing, empty directory, unique to the test case.
-    - ``workers``: how many worker processes compete (default 3).
-    - ``start_method``: the `multiprocess` start method (default "fork").
-    - ``parent_directory``: where each test case makes its directory (default
-      None: the system's temporary directory). The directory is removed at
-      teardown.
-    - ``worker_deaths``: whether the ``kill_worker`` rule runs (default True).
-      Set it to False for a backend whose locks do not die with their process.
-
-    ``steps`` counts the rules run so far in the test case.
+    The class attributes of `StoreMachine` (``store_factory``, ``workers``,
+    ``start_method``, ``parent_directory``, ``worker_deaths``) apply; with
+    ``worker_deaths`` the ``kill_worker`` rule runs.
     """
 
-    store_factory: Any = vcstore.open
-    workers: int = 3
-    start_method: str = "fork"
-    parent_directory: str | None = None
-    worker_deaths: bool = True
-
-    worker_ids = Bundle("worker")
+    # A class body cannot see its base's names; the bundle itself is shared.
+    worker_ids = StoreMachine.worker_ids
     held_tokens = Bundle("token")
 
     def __init__(self) -> None:
         super().__init__()
-        self.steps = 0
-        self.pool: WorkerPool | None = None
-        self.prober: Prober | None = None
         self.model: list[HeldToken] = []
-        self.root = tempfile.mkdtemp(prefix="vcstore-locks-", dir=self.parent_directory)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if not isinstance(cls.workers, int) or cls.workers < 1:
-            raise TypeError(f"invalid {cls.__name__}.workers {cls.workers!r}: use an int >= 1")
-        if not callable(cls.store_factory):
-            raise TypeError(
-                f"invalid {cls.__name__}.store_factory {cls.store_factory!r}: use a "
-                f"callable that takes a root directory and returns a store"
-            )
-
-    # The class attribute is read through the class: a plain function stored
-    # on a class would become a bound method when read through an instance.
-    def _factory(self) -> Any:
-        return type(self).store_factory
-
-    @initialize(target=worker_ids)
-    def start_workers(self):
-        return multiple(*range(self.workers))
-
-    def _worker(self, index: int) -> Worker:
-        # The processes start at the first command: hypothesis gives up on
-        # many test cases before that, when its swarm testing turns off every
-        # rule that could run.
-        if self.pool is None:
-            factory = self._factory()
-            self.pool = WorkerPool(self.workers, factory, self.start_method)
-            self.prober = Prober(factory, self.start_method)
-        return self.pool[index]
 
     @rule(target=held_tokens, worker=worker_ids, item=st.sampled_from(Item), exclusive=st.booleans())
     def item_lock(self, worker: int, item: Item, exclusive: bool):
@@ -205,15 +144,6 @@ class LockExclusivityMachine(RuleBasedStateMachine):
                 "not release, possibly one of the probe's own"
             )
         raise AssertionError(message)
-
-    def teardown(self) -> None:
-        try:
-            if self.pool is not None:
-                self.pool.close()
-            if self.prober is not None:
-                self.prober.close()
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
 
     # --- the model -------------------------------------------------------------
 
