@@ -27,6 +27,15 @@ def _get_tracer():
     return _tracer
 
 
+def preload() -> None:
+    """Import the tracing API now, if it is installed.
+
+    A process that forks workers calls this first: the children inherit the
+    import instead of each paying for it on its first traced call.
+    """
+    _get_tracer()
+
+
 def span(name: str, path: str, item=None):
     """Return a context manager for a span ``name`` with vcstore's attributes."""
     tracer = _get_tracer()

@@ -43,6 +43,7 @@ from multiprocess.connection import wait as wait_for_objects
 from multiprocess.reduction import ForkingPickler
 
 import vcstore
+import vcstore.tracing
 
 __all__ = [
     "Pending",
@@ -138,6 +139,10 @@ class WorkerPool:
             )
         if call_timeout <= 0:
             raise ValueError(f"invalid call_timeout {call_timeout!r}: expected seconds > 0")
+
+        # Forked workers inherit what this process imported: load the optional
+        # tracing API once here rather than once in each worker.
+        vcstore.tracing.preload()
 
         self.store_factory = store_factory
         self.start_method = start_method
