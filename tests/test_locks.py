@@ -364,6 +364,15 @@ def test_same_thread_exclusive_try_once_raises_timeout(store):
         store.item_lock(Item.LOCK, exclusive=True, timeout=0)
 
 
+def test_same_thread_timeout_names_own_token(store):
+    # Waiting can never help here, so the message must not advise a longer timeout.
+    token = store.item_lock(Item.LOCK, exclusive=True)
+    with pytest.raises(vcstore.LockTimeoutError) as raised:
+        store.item_lock(Item.LOCK, exclusive=True, timeout=0.01)
+    assert "this thread holds token" in str(raised.value)
+    assert token in str(raised.value)
+
+
 def test_same_thread_shared_twice_blocking(store):
     def lock_twice():
         return [store.item_lock(Item.LOCK, exclusive=False, timeout=None) for _ in range(2)]

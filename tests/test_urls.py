@@ -134,3 +134,8 @@ def test_unsupported_scheme_lists_known_schemes():
     with pytest.raises(vcstore.UnsupportedSchemeError) as raised:
         vcstore.open(value)
     assert "file" in str(raised.value).replace(value, "")
+
+
+def test_home_directory_shorthand_hint():
+    with pytest.raises(vcstore.InvalidUrlError, match="expanduser"):
+        vcstore.open("~/store")

@@ -307,11 +307,7 @@ class FilesystemStore(Store):
             fd = self._open_lock_file(item, lock_path)
             try:
                 if not self._flock(fd, exclusive, deadline, lock_path):
-                    kind = "exclusive" if exclusive else "shared"
-                    raise LockTimeoutError(
-                        f"timed out after {timeout} s waiting for the {kind} lock on {item!r} "
-                        f"of {self._dir}: another token holds it; retry later or raise the timeout"
-                    )
+                    raise self._timeout_error(item, exclusive, timeout, lock_path)
                 if self._holds_current_file(fd, lock_path):
                     break
             except BaseException:
@@ -332,6 +328,18 @@ class FilesystemStore(Store):
                 extra=self._log_fields,
             )
         return token
+
+    def _timeout_error(self, item: Item, exclusive: bool, timeout: float, lock_path: str) -> LockTimeoutError:
+        kind = "exclusive" if exclusive else "shared"
+        message = f"timed out after {timeout} s waiting for the {kind} lock on {item!r} of {self._dir}"
+        own = TOKENS.blocks_own_thread(lock_path, exclusive)
+        if own is not None:
+            # Waiting longer cannot help when the caller itself holds the conflicting token.
+            return LockTimeoutError(
+                f"{message}: this thread holds token {own.token!r} for {own.item!r} on the "
+                f"same lock file; unlock it first"
+            )
+        return LockTimeoutError(f"{message}: another token holds it; retry later or raise the timeout")
 
     def _open_lock_file(self, item: Item, lock_path: str) -> int:
         self._check_dir()

@@ -40,8 +40,9 @@ def split_target(target, known_schemes) -> tuple[str, str]:
     parts = urllib.parse.urlsplit(target)
     scheme = parts.scheme.lower()
     if not scheme:
+        hint = " ('~' is not expanded: call os.path.expanduser first)" if target.startswith("~") else ""
         raise InvalidUrlError(
-            f"invalid store URL {target!r}: a relative path is ambiguous; "
+            f"invalid store URL {target!r}: a relative path is ambiguous{hint}; "
             f"give an absolute path or a URL such as 'file:///run/vc/sbs/abc'"
         )
     if scheme not in known_schemes:
