@@ -27,6 +27,7 @@ from .errors import (
     StoreNotFoundError,
     UnknownItemError,
     UnknownTokenError,
+    UnsafePathError,
     UnsupportedSchemeError,
 )
 from . import vc
@@ -54,6 +55,7 @@ __all__ = [
     "StoreNotFoundError",
     "UnknownItemError",
     "UnknownTokenError",
+    "UnsafePathError",
     "UnsupportedSchemeError",
     "delete_all",
     "open",

@@ -51,3 +51,11 @@ class StoreDeletedError(StoreError, FileNotFoundError):
 
 class LockUnsupportedError(StoreError, OSError):
     """A file system on which flock(2) does not work."""
+
+
+class UnsafePathError(StoreError, OSError):
+    """A path inside a store that is a symbolic link or not the expected file type.
+
+    vcstore never follows or uses such a path, so a planted link cannot make
+    it read, write or lock anything outside the store.
+    """

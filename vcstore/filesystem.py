@@ -29,6 +29,7 @@ from .errors import (
     LockUnsupportedError,
     StoreDeletedError,
     StoreNotFoundError,
+    UnsafePathError,
 )
 from .fsio import DEFAULT_IO
 from .items import Item
@@ -40,10 +41,13 @@ DIR_MODE = 0o750
 FILE_MODE = 0o640
 RAW_DIR = "raw"
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# O_NOFOLLOW: a symbolic link planted inside a store is refused, never followed.
+# O_NONBLOCK: opening a planted FIFO returns at once instead of waiting for a writer.
+_NOFOLLOW = os.O_NOFOLLOW
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC
-_LOCK_FLAGS = os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_LOCK_FLAGS = _READ_FLAGS
 
 # flock errors that mean the file system cannot lock at all, not that it is busy.
 _UNSUPPORTED_ERRNOS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}
@@ -90,8 +94,11 @@ class FilesystemStore(Store):
                 continue
             except NotADirectoryError:
                 raise InvalidUrlError(
-                    f"cannot open store {self._dir}: it, or one of its parents, is not a directory"
+                    f"cannot open store {self._dir}: it, or one of its parents, is not a "
+                    f"directory; a store's own directory must not be a symbolic link"
                 ) from None
+            except OSError as error:
+                raise _unsafe_or(error, self._dir, "the store directory") from None
 
             try:
                 identity = _identity(self._io.fstat(dir_fd))
@@ -131,7 +138,12 @@ class FilesystemStore(Store):
             self._io.mkdir(RAW_DIR, DIR_MODE, dir_fd=dir_fd)
         except FileExistsError:
             pass
-        fd = self._io.open(Item.LOCK.lock_name, _LOCK_FLAGS | os.O_CREAT, FILE_MODE, dir_fd=dir_fd)
+        try:
+            fd = self._io.open(Item.LOCK.lock_name, _LOCK_FLAGS | os.O_CREAT, FILE_MODE, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            raise _unsafe_or(error, f"{self._dir}/{Item.LOCK.lock_name}", "the lock file") from None
         self._io.close(fd)
 
     def _open_dir(self) -> int:
@@ -140,6 +152,11 @@ class FilesystemStore(Store):
             dir_fd = self._io.open(self._dir, _DIR_FLAGS)
         except (FileNotFoundError, NotADirectoryError):
             raise self._deleted() from None
+        except OSError as error:
+            # A symbolic link now stands where the directory was: it is not our store.
+            if error.errno == errno.ELOOP:
+                raise self._deleted() from None
+            raise
         try:
             if _identity(self._io.fstat(dir_fd)) != self._identity:
                 raise self._deleted()
@@ -150,7 +167,8 @@ class FilesystemStore(Store):
 
     def _check_dir(self) -> None:
         try:
-            st = self._io.stat(self._dir)
+            # Not following links: a link planted in place of the directory has another identity.
+            st = self._io.stat(self._dir, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             raise self._deleted() from None
         # A directory with another identity is a new store at the same path.
@@ -174,14 +192,18 @@ class FilesystemStore(Store):
 
     def _read(self, item: Item) -> bytes:
         self._check_dir()
+        path = f"{self._dir}/{item.file_name}"
         try:
-            fd = self._io.open(f"{self._dir}/{item.file_name}", os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._io.open(path, _READ_FLAGS)
         except FileNotFoundError:
             self._check_dir()
             raise ItemNotFoundError(
                 f"item {item!r} was never stored in {self._dir}: store it first"
             ) from None
+        except OSError as error:
+            raise _unsafe_or(error, path, f"the file of {item!r}") from None
         try:
+            _require_regular(self._io.fstat(fd), path, f"the file of {item!r}")
             chunks = []
             while True:
                 chunk = self._io.read(fd, 1 << 20)
@@ -200,7 +222,7 @@ class FilesystemStore(Store):
             try:
                 _write_all(self._io, fd, data)
                 self._io.fsync(fd)
-                self._io.replace(temp_name, item.file_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                self._replace(temp_name, item, dir_fd)
             except BaseException:
                 # A failed store leaves the previous value and no temporary file.
                 _unlink_quietly(self._io, temp_name, dir_fd)
@@ -211,6 +233,18 @@ class FilesystemStore(Store):
             self._io.fsync(dir_fd)
         finally:
             self._io.close(dir_fd)
+
+    def _replace(self, temp_name: str, item: Item, dir_fd: int) -> None:
+        try:
+            self._io.replace(temp_name, item.file_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except (IsADirectoryError, NotADirectoryError) as error:
+            path = f"{self._dir}/{item.file_name}"
+            raise UnsafePathError(
+                error.errno,
+                f"cannot store {item!r}: {path} is a directory, not an item file; "
+                f"remove it by hand if it does not belong there",
+                path,
+            ) from None
 
     def _create_temp(self, dir_fd: int, item: Item) -> tuple[str, int]:
         """Create and lock a new temporary file for *item*; return its name and descriptor."""
@@ -241,7 +275,8 @@ class FilesystemStore(Store):
                 continue
             try:
                 fd = self._io.open(name, _LOCK_FLAGS, dir_fd=dir_fd)
-            except FileNotFoundError:
+            except OSError:
+                # Gone already, or a planted link or special file that is not ours to remove.
                 continue
             try:
                 # A live writer holds its temporary file locked; only a dead one's is free.
@@ -269,23 +304,42 @@ class FilesystemStore(Store):
     def _raw(self, id: str | None) -> str:
         dir_fd = self._open_dir()
         try:
+            raw_fd = self._open_raw_dir(dir_fd)
+        finally:
+            self._io.close(dir_fd)
+
+        try:
             while True:
                 name = id if id is not None else f"raw-{secrets.token_hex(8)}"
-                flags = os.O_RDONLY | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC
+                path = f"{self._dir}/{RAW_DIR}/{name}"
+                flags = _READ_FLAGS | os.O_CREAT
                 if id is None:
                     flags |= os.O_EXCL
                 try:
-                    fd = self._io.open(f"{RAW_DIR}/{name}", flags, FILE_MODE, dir_fd=dir_fd)
+                    fd = self._io.open(name, flags, FILE_MODE, dir_fd=raw_fd)
                 except FileExistsError:
                     continue
-                except FileNotFoundError:
-                    # raw/ was removed by hand: complete the layout, as opening does.
-                    self._complete_layout(dir_fd)
-                    continue
-                self._io.close(fd)
-                return path_to_url(f"{self._dir}/{RAW_DIR}/{name}")
+                except OSError as error:
+                    raise _unsafe_or(error, path, "the raw file") from None
+                try:
+                    _require_regular(self._io.fstat(fd), path, "the raw file")
+                finally:
+                    self._io.close(fd)
+                return path_to_url(path)
         finally:
-            self._io.close(dir_fd)
+            self._io.close(raw_fd)
+
+    def _open_raw_dir(self, dir_fd: int) -> int:
+        path = f"{self._dir}/{RAW_DIR}"
+        for _ in range(2):
+            try:
+                return self._io.open(RAW_DIR, _DIR_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                # raw/ was removed by hand: complete the layout, as opening does.
+                self._complete_layout(dir_fd)
+            except OSError as error:
+                raise _unsafe_or(error, path, "the raw directory") from None
+        raise StoreDeletedError(f"cannot create {path}: it disappears as soon as it is made")
 
     # -- locks ----------------------------------------------------------------
 
@@ -347,6 +401,8 @@ class FilesystemStore(Store):
             return self._io.open(lock_path, _LOCK_FLAGS)
         except FileNotFoundError:
             pass
+        except OSError as error:
+            raise _unsafe_or(error, lock_path, "the lock file") from None
 
         # Item lock files are made on first use. Creating one through a descriptor
         # of our own directory cannot resurrect a deleted store: creating a file in
@@ -356,6 +412,8 @@ class FilesystemStore(Store):
             return self._io.open(item.lock_name, _LOCK_FLAGS | os.O_CREAT, FILE_MODE, dir_fd=dir_fd)
         except FileNotFoundError:
             raise self._deleted() from None
+        except OSError as error:
+            raise _unsafe_or(error, lock_path, "the lock file") from None
         finally:
             self._io.close(dir_fd)
 
@@ -382,12 +440,14 @@ class FilesystemStore(Store):
     def _holds_current_file(self, fd: int, lock_path: str) -> bool:
         """Check, after flock, that *fd* is still the file at *lock_path*."""
         try:
-            at_path = self._io.stat(lock_path)
+            at_path = self._io.stat(lock_path, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             # Lock files live as long as the store: a missing one means delete()
             # ran while we waited, and its lock must not count as ours.
             raise self._deleted() from None
-        return _identity(at_path) == _identity(self._io.fstat(fd))
+        held = self._io.fstat(fd)
+        _require_regular(held, lock_path, "the lock file")
+        return _identity(at_path) == _identity(held)
 
     def _lock_error(self, error: OSError, path: str) -> OSError:
         if error.errno in _UNSUPPORTED_ERRNOS:
@@ -465,6 +525,39 @@ class FilesystemStore(Store):
 
 def _identity(st) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
+
+
+# open(2) errors that mean a path inside the store is not the kind of file it should be.
+_UNSAFE_KINDS = {
+    errno.ELOOP: "a symbolic link",
+    errno.EISDIR: "a directory",
+    errno.ENXIO: "a socket or a device",
+    errno.ENOTDIR: "not a directory (a symbolic link or a file)",
+}
+_UNSAFE_ERRNOS = set(_UNSAFE_KINDS)
+
+
+def _unsafe_or(error: OSError, path: str, what: str) -> OSError:
+    """Turn an open(2) error on a planted link or special file into `UnsafePathError`."""
+    if error.errno not in _UNSAFE_ERRNOS:
+        return error
+    kind = _UNSAFE_KINDS[error.errno]
+    return UnsafePathError(
+        error.errno,
+        f"refusing to use {what} {path}: it is {kind}, which vcstore never follows or uses; "
+        f"remove it if it does not belong there",
+        path,
+    )
+
+
+def _require_regular(st, path: str, what: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePathError(
+            errno.EINVAL,
+            f"refusing to use {what} {path}: it is not a regular file "
+            f"(mode {stat.filemode(st.st_mode)}); remove it if it does not belong there",
+            path,
+        )
 
 
 def _write_all(io, fd: int, data: bytes) -> None:
