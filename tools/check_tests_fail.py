@@ -37,15 +37,15 @@ MUTATIONS = [
     Mutation(
         "no-identity-recheck",
         "vcstore/filesystem.py",
-        "        return _identity(at_path) == _identity(self._io.fstat(fd))",
+        "        return _identity(at_path) == _identity(held)",
         "        return True",
         ["tests/test_locks.py::test_waiter_retries_on_replaced_lock_file"],
     ),
     Mutation(
         "missing-lock-file-not-deleted",
         "vcstore/filesystem.py",
-        "            raise self._deleted() from None\n        return _identity(at_path)",
-        "            return True\n        return _identity(at_path)",
+        "            raise self._deleted() from None\n        held = self._io.fstat(fd)",
+        "            return True\n        held = self._io.fstat(fd)",
         ["tests/test_locks.py::test_delete_wakes_waiter_with_store_deleted"],
     ),
     Mutation(
@@ -93,8 +93,8 @@ MUTATIONS = [
     Mutation(
         "store-in-place",
         "vcstore/filesystem.py",
-        "                self._io.replace(temp_name, item.file_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)",
-        "                self._io.replace(temp_name, item.file_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)\n"
+        "                self._replace(temp_name, item, dir_fd)",
+        "                self._replace(temp_name, item, dir_fd)\n"
         "                target = self._io.open(item.file_name, os.O_WRONLY | os.O_TRUNC, dir_fd=dir_fd)\n"
         "                _write_all(self._io, target, data[: len(data) // 2])\n"
         "                _write_all(self._io, target, data[len(data) // 2 :])\n"
@@ -153,8 +153,8 @@ MUTATIONS = [
     Mutation(
         "deleted-store-resurrected",
         "vcstore/filesystem.py",
-        "        except (FileNotFoundError, NotADirectoryError):\n            raise self._deleted() from None\n        try:\n            if _identity",
-        "        except FileNotFoundError:\n            self._initialize(True)\n            return self._io.open(self._dir, _DIR_FLAGS)\n        try:\n            if _identity",
+        "            dir_fd = self._io.open(self._dir, _DIR_FLAGS)\n        except (FileNotFoundError, NotADirectoryError):\n            raise self._deleted() from None",
+        "            dir_fd = self._io.open(self._dir, _DIR_FLAGS)\n        except FileNotFoundError:\n            self._initialize(True)\n            return self._io.open(self._dir, _DIR_FLAGS)",
         ["tests/test_locks.py::test_call_after_delete_recreates_nothing"],
     ),
     Mutation(
