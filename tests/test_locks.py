@@ -738,6 +738,21 @@ def test_delete_wakes_waiter_with_store_deleted(store, peer, item, exclusive):
         peer.reply()
 
 
+def test_delete_wakes_waiter_that_locked_before(store, peer):
+    # A waiter that already knows the lock file must still see it was unlinked.
+    peer.call("open", where(store))
+    token = peer.call("lock", where(store), "LOCK", True, None)
+    peer.call("unlock", where(store), "LOCK", token)
+
+    store.item_lock(Item.LOCK, exclusive=True)
+    peer.send("lock", where(store), "LOCK", True, None)
+    assert wait_blocked_in_flock(peer.pid)
+    store.delete()
+
+    with pytest.raises(vcstore.StoreDeletedError):
+        peer.reply()
+
+
 class ReleaseWatchingIO(OsIO):
     """An I/O seam noting, at each flock or close of one descriptor, whether a path exists."""
 

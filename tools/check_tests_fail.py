@@ -37,16 +37,23 @@ MUTATIONS = [
     Mutation(
         "no-identity-recheck",
         "vcstore/filesystem.py",
-        "        return _identity(at_path) == _identity(held)",
-        "        return True",
+        "        if _identity(at_path) != _identity(held):\n            return False",
+        "        if False:\n            return False",
         ["tests/test_locks.py::test_waiter_retries_on_replaced_lock_file"],
     ),
     Mutation(
         "missing-lock-file-not-deleted",
         "vcstore/filesystem.py",
-        "            raise self._deleted() from None\n        held = self._io.fstat(fd)",
-        "            return True\n        held = self._io.fstat(fd)",
+        "            raise self._deleted() from None\n        # A store deleted",
+        "            return True\n        # A store deleted",
         ["tests/test_locks.py::test_delete_wakes_waiter_with_store_deleted"],
+    ),
+    Mutation(
+        "known-lock-file-trusted-when-unlinked",
+        "vcstore/filesystem.py",
+        "        if held.st_nlink and known == (held.st_dev, held.st_ino):",
+        "        if known == (held.st_dev, held.st_ino):",
+        ["tests/test_locks.py::test_delete_wakes_waiter_that_locked_before"],
     ),
     Mutation(
         "release-before-remove",

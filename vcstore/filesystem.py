@@ -18,7 +18,6 @@ import secrets
 import stat
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from .errors import (
@@ -34,7 +33,7 @@ from .errors import (
 from .fsio import DEFAULT_IO
 from .items import Item
 from .store import Store
-from .tokens import TOKENS, HeldLock
+from .tokens import TOKENS, HeldLock, new_token
 from .urls import FILE_SCHEME, path_to_url, split_target
 
 DIR_MODE = 0o750
@@ -75,6 +74,11 @@ class FilesystemStore(Store):
         self._dir = path
         self._io = io if io is not None else DEFAULT_IO
         self._log_fields = {"subsystem": "store", "backend": "filesystem", "path": path}
+        self._dir_slash = path + "/"
+        # Identity of each lock file this object has verified at its path. Lock
+        # files are never replaced while the store exists, so a later lock whose
+        # descriptor shows the same, still linked file needs no path lookup.
+        self._lock_files: dict[str, tuple[int, int]] = {}
         self._identity = self._initialize(create)
         _log.debug("opened store %s", path, extra=self._log_fields)
 
@@ -192,7 +196,7 @@ class FilesystemStore(Store):
 
     def _read(self, item: Item) -> bytes:
         self._check_dir()
-        path = f"{self._dir}/{item.file_name}"
+        path = self._dir_slash + item.file_name
         try:
             fd = self._io.open(path, _READ_FLAGS)
         except FileNotFoundError:
@@ -344,7 +348,7 @@ class FilesystemStore(Store):
     # -- locks ----------------------------------------------------------------
 
     def _lock(self, item: Item, exclusive: bool, timeout: float | None) -> str:
-        lock_path = f"{self._dir}/{item.lock_name}"
+        lock_path = self._dir_slash + item.lock_name
         if timeout is None:
             blocker = TOKENS.blocks_own_thread(lock_path, exclusive)
             if blocker is not None:
@@ -355,14 +359,15 @@ class FilesystemStore(Store):
                     f"unlock it first, or pass a timeout"
                 )
 
-        started = time.monotonic()
+        debug = _log.isEnabledFor(logging.DEBUG)
+        started = time.monotonic() if debug or timeout is not None else 0.0
         deadline = None if timeout is None else started + timeout
         while True:
             fd = self._open_lock_file(item, lock_path)
             try:
                 if not self._flock(fd, exclusive, deadline, lock_path):
                     raise self._timeout_error(item, exclusive, timeout, lock_path)
-                if self._holds_current_file(fd, lock_path):
+                if self._holds_current_file(fd, item, lock_path):
                     break
             except BaseException:
                 self._io.close(fd)
@@ -371,9 +376,9 @@ class FilesystemStore(Store):
             self._io.close(fd)
             _log.warning("lock file %s changed while waiting; retrying", lock_path, extra=self._log_fields)
 
-        token = str(uuid.uuid4())
+        token = new_token()
         TOKENS.add(HeldLock(token, self, item, lock_path, fd, exclusive, threading.get_ident()))
-        if _log.isEnabledFor(logging.DEBUG):
+        if debug:
             _log.debug(
                 "locked %r %s after %.6f s",
                 item,
@@ -396,7 +401,8 @@ class FilesystemStore(Store):
         return LockTimeoutError(f"{message}: another token holds it; retry later or raise the timeout")
 
     def _open_lock_file(self, item: Item, lock_path: str) -> int:
-        self._check_dir()
+        # No directory check here: opening cannot create anything, and the
+        # identity check after flock tells a deleted or recreated store apart.
         try:
             return self._io.open(lock_path, _LOCK_FLAGS)
         except FileNotFoundError:
@@ -437,17 +443,30 @@ class FilesystemStore(Store):
         except OSError as error:
             raise self._lock_error(error, lock_path) from error
 
-    def _holds_current_file(self, fd: int, lock_path: str) -> bool:
-        """Check, after flock, that *fd* is still the file at *lock_path*."""
+    def _holds_current_file(self, fd: int, item: Item, lock_path: str) -> bool:
+        """Check, after flock, that *fd* is still the lock file of this store.
+
+        Returns False when the path now names another file, to lock that one.
+        """
+        held = self._io.fstat(fd)
+        known = self._lock_files.get(item.lock_name)
+        # An unlinked file (st_nlink 0) is what a delete leaves to its waiters.
+        if held.st_nlink and known == (held.st_dev, held.st_ino):
+            return True
+
+        _require_regular(held, lock_path, "the lock file")
         try:
             at_path = self._io.stat(lock_path, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             # Lock files live as long as the store: a missing one means delete()
             # ran while we waited, and its lock must not count as ours.
             raise self._deleted() from None
-        held = self._io.fstat(fd)
-        _require_regular(held, lock_path, "the lock file")
-        return _identity(at_path) == _identity(held)
+        # A store deleted and created again at the same path is not this store.
+        self._check_dir()
+        if _identity(at_path) != _identity(held):
+            return False
+        self._lock_files[item.lock_name] = _identity(held)
+        return True
 
     def _lock_error(self, error: OSError, path: str) -> OSError:
         if error.errno in _UNSUPPORTED_ERRNOS:

@@ -27,6 +27,7 @@ class Store:
     def __init__(self, url: str, path) -> None:
         self.url = url
         self.path = path
+        self._where = str(path)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -73,8 +74,10 @@ class Store:
         the calling thread's own tokens would block forever raises
         `DeadlockError` at once.
         """
-        _check_item(item)
-        timeout = _check_timeout(timeout)
+        if item.__class__ is not Item:
+            _check_item(item)
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         with tracing.span("vcstore.lock", self._where, item):
             return self._lock(item, bool(exclusive), timeout)
 
@@ -83,7 +86,8 @@ class Store:
 
         Raises `UnknownTokenError`, releasing nothing, for any other token.
         """
-        _check_item(item)
+        if item.__class__ is not Item:
+            _check_item(item)
         with tracing.span("vcstore.unlock", self._where, item):
             self._unlock(item, token)
 
@@ -107,10 +111,6 @@ class Store:
         from . import registry
 
         registry.forget(self)
-
-    @property
-    def _where(self) -> str:
-        return str(self.path)
 
     def _item_where(self, item: Item) -> str:
         return f"{self.path}/{item.file_name}"

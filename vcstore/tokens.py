@@ -5,14 +5,16 @@ table is guarded by a mutex, and a forked child starts with an empty table.
 """
 
 import dataclasses
+import itertools
 import os
+import secrets
 import threading
 
 from .errors import UnknownTokenError
 from .items import Item
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class HeldLock:
     """One token: the descriptor behind it and who took it."""
 
@@ -23,6 +25,23 @@ class HeldLock:
     fd: int
     exclusive: bool
     thread_id: int
+
+
+# Tokens are "<process prefix>-<counter>": unique across processes by the random
+# prefix (renewed in a forked child), and cheaper than a uuid4 per lock.
+_prefix = secrets.token_hex(8)
+_counter = itertools.count(1)
+
+
+def new_token() -> str:
+    """Return a token that no other lock of any process has."""
+    # next() on itertools.count is atomic under the GIL, so threads never share a number.
+    return f"{_prefix}-{next(_counter)}"
+
+
+def _renew_prefix() -> None:
+    global _prefix
+    _prefix = secrets.token_hex(8)
 
 
 class TokenTable:
@@ -72,6 +91,9 @@ class TokenTable:
 
     def blocks_own_thread(self, lock_path: str, exclusive: bool) -> HeldLock | None:
         """Return a token of the calling thread that a blocking lock would wait on forever."""
+        # Reading the dict's size needs no mutex; most processes hold no token here.
+        if not self._held:
+            return None
         thread_id = threading.get_ident()
         with self._mutex:
             for held in self._held.values():
@@ -100,3 +122,4 @@ class TokenTable:
 
 TOKENS = TokenTable()
 os.register_at_fork(after_in_child=TOKENS.forget_after_fork)
+os.register_at_fork(after_in_child=_renew_prefix)
