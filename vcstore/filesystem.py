@@ -207,16 +207,23 @@ class FilesystemStore(Store):
         except OSError as error:
             raise _unsafe_or(error, path, f"the file of {item!r}") from None
         try:
-            _require_regular(self._io.fstat(fd), path, f"the file of {item!r}")
+            st = self._io.fstat(fd)
+            _require_regular(st, path, f"the file of {item!r}")
+
+            # Item files are replaced, never rewritten in place, so a read of one
+            # byte more than the size returns the whole file; the loop covers a
+            # file that another program grew meanwhile.
             chunks = []
+            want = st.st_size + 1
             while True:
-                chunk = self._io.read(fd, 1 << 20)
-                if not chunk:
-                    break
+                chunk = self._io.read(fd, want)
                 chunks.append(chunk)
+                if len(chunk) < want:
+                    break
+                want = 1 << 20
         finally:
             self._io.close(fd)
-        return b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _write(self, item: Item, data: bytes) -> None:
         dir_fd = self._open_dir()

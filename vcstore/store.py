@@ -195,13 +195,17 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not strict JSON")
 
 
+# One decoder for every load: json.loads with keyword arguments builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _decode(data: bytes, item: Item, where: str):
     if not data:
         raise CorruptItemError(
             f"item {item!r} at {where} is empty: store a new value, or remove the file"
         )
     try:
-        return json.loads(data, parse_constant=_reject_constant)
+        return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except RecursionError:
         raise CorruptItemError(
             f"item {item!r} at {where} is nested too deeply to decode: store a flatter value"
