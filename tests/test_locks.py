@@ -373,6 +373,35 @@ def test_same_thread_timeout_names_own_token(store):
     assert token in str(raised.value)
 
 
+def test_exited_thread_token_is_no_deadlock(store):
+    # Python reuses an exited thread's ident; its tokens must not count as the new thread's.
+    taken = {}
+
+    def take_shared():
+        taken["ident"] = threading.get_ident()
+        taken["token"] = store.item_lock(Item.STATE, exclusive=False)
+
+    first = threading.Thread(target=take_shared)
+    first.start()
+    first.join()
+
+    for _ in range(50):
+        waiter = Background(store.item_lock, Item.STATE, exclusive=True)
+        if waiter.ident == taken["ident"]:
+            break
+        store.item_unlock(Item.STATE, taken["token"])
+        store.item_unlock(Item.STATE, waiter.result())
+        first = threading.Thread(target=take_shared)
+        first.start()
+        first.join()
+    else:
+        pytest.skip("no thread reused the exited thread's ident")
+
+    assert waiter.is_blocked()
+    store.item_unlock(Item.STATE, taken["token"])
+    store.item_unlock(Item.STATE, waiter.result())
+
+
 def test_same_thread_shared_twice_blocking(store):
     def lock_twice():
         return [store.item_lock(Item.LOCK, exclusive=False, timeout=None) for _ in range(2)]

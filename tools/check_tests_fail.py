@@ -84,6 +84,13 @@ MUTATIONS = [
         ["tests/test_locks.py::test_same_thread_exclusive_twice_raises_deadlock"],
     ),
     Mutation(
+        "thread-ident-as-owner",
+        "vcstore/tokens.py",
+        "        return _thread_keys.key\n",
+        "        return threading.get_ident()\n",
+        ["tests/test_locks.py::test_exited_thread_token_is_no_deadlock"],
+    ),
+    Mutation(
         "unlock-ignores-item",
         "vcstore/tokens.py",
         "held.owner is owner and held.item is item:",

@@ -33,7 +33,7 @@ from .errors import (
 from .fsio import DEFAULT_IO
 from .items import Item
 from .store import Store
-from .tokens import TOKENS, HeldLock, new_token
+from .tokens import TOKENS, HeldLock, current_thread_key, new_token
 from .urls import FILE_SCHEME, path_to_url, split_target
 
 DIR_MODE = 0o750
@@ -384,7 +384,7 @@ class FilesystemStore(Store):
             _log.warning("lock file %s changed while waiting; retrying", lock_path, extra=self._log_fields)
 
         token = new_token()
-        TOKENS.add(HeldLock(token, self, item, lock_path, fd, exclusive, threading.get_ident()))
+        TOKENS.add(HeldLock(token, self, item, lock_path, fd, exclusive, current_thread_key()))
         if debug:
             _log.debug(
                 "locked %r %s after %.6f s",

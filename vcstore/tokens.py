@@ -24,7 +24,7 @@ class HeldLock:
     lock_path: str
     fd: int
     exclusive: bool
-    thread_id: int
+    thread: object
 
 
 # Tokens are "<process prefix>-<counter>": unique across processes by the random
@@ -37,6 +37,22 @@ def new_token() -> str:
     """Return a token that no other lock of any process has."""
     # next() on itertools.count is atomic under the GIL, so threads never share a number.
     return f"{_prefix}-{next(_counter)}"
+
+
+_thread_keys = threading.local()
+
+
+def current_thread_key() -> object:
+    """Return an object unique to the calling thread for as long as any token refers to it.
+
+    Not `threading.get_ident()`: Python reuses an exited thread's ident, and a
+    new thread must not be told it deadlocks on a token that a dead thread took.
+    """
+    try:
+        return _thread_keys.key
+    except AttributeError:
+        _thread_keys.key = key = object()
+        return key
 
 
 def _renew_prefix() -> None:
@@ -94,10 +110,10 @@ class TokenTable:
         # Reading the dict's size needs no mutex; most processes hold no token here.
         if not self._held:
             return None
-        thread_id = threading.get_ident()
+        thread = current_thread_key()
         with self._mutex:
             for held in self._held.values():
-                if held.thread_id != thread_id or held.lock_path != lock_path:
+                if held.thread != thread or held.lock_path != lock_path:
                     continue
                 if exclusive or held.exclusive:
                     return held
