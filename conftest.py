@@ -3,17 +3,10 @@
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
 
-# Machines drive real processes, so a step costs far more than a pure function call.
-settings.register_profile(
-    "vcstore-ci",
-    max_examples=25,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vcstore-ci"))
+# Hypothesis profiles come from the vcstore pytest plugin: its default
+# "vcstore-fast" applies to these tests unless --vcstore-profile or
+# --hypothesis-profile picks another.
 
 
 def _children(pid: int) -> list[int]:
