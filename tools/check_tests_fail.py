@@ -4,7 +4,7 @@ Each mutation replaces one guarded line of a copy of the source tree and runs
 the tests that should catch it. A mutation that the tests do not catch is a
 test that cannot fail, and this script exits 1. Run from the repository root::
 
-    python tools/check_tests_fail.py            # every mutation
+    python tools/check_tests_fail.py            # every mutation (about 3 minutes)
     python tools/check_tests_fail.py no-flock   # the named ones
 """
 
@@ -24,6 +24,8 @@ class Mutation:
     old: str
     new: str
     tests: list
+    # Further (path, old, new) replacements applied together with the first.
+    more: tuple = ()
 
 
 MUTATIONS = [
@@ -226,18 +228,21 @@ def _copy_tree(destination: str) -> None:
 
 def _run(mutation: Mutation) -> tuple[bool, float, str]:
     with tempfile.TemporaryDirectory(prefix="vcstore-mutant-") as copy:
+        # The unprivileged-user tests skip unless user nobody can reach the tree.
+        os.chmod(copy, 0o755)
         _copy_tree(copy)
-        path = os.path.join(copy, mutation.path)
-        with open(path) as source:
-            text = source.read()
-        count = text.count(mutation.old)
-        if count != 1:
-            raise SystemExit(
-                f"mutation {mutation.name}: {mutation.old!r} occurs {count} times in "
-                f"{mutation.path}; make it match exactly one line"
-            )
-        with open(path, "w") as source:
-            source.write(text.replace(mutation.old, mutation.new))
+        for relative, old, new in ((mutation.path, mutation.old, mutation.new), *mutation.more):
+            path = os.path.join(copy, relative)
+            with open(path) as source:
+                text = source.read()
+            count = text.count(old)
+            if count != 1:
+                raise SystemExit(
+                    f"mutation {mutation.name}: {old!r} occurs {count} times in "
+                    f"{relative}; make it match exactly one line"
+                )
+            with open(path, "w") as source:
+                source.write(text.replace(old, new))
 
         started = time.monotonic()
         environment = dict(os.environ, PYTHONPATH=copy)
@@ -256,8 +261,20 @@ def _run(mutation: Mutation) -> tuple[bool, float, str]:
         return result.returncode != 0, time.monotonic() - started, summary
 
 
+def _reliability_mutations() -> list[Mutation]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from reliability_mutations import MUTATIONS as entries
+
+    return [
+        Mutation(f"reliability:{name}", *replacements[0], tests, tuple(replacements[1:]))
+        for name, replacements, tests in entries
+        if replacements
+    ]
+
+
 def main(argv: list[str]) -> int:
-    chosen = [m for m in MUTATIONS if not argv or m.name in argv]
+    everything = MUTATIONS + _reliability_mutations()
+    chosen = [m for m in everything if not argv or m.name in argv]
     missed = []
     for mutation in chosen:
         caught, seconds, summary = _run(mutation)

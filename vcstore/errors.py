@@ -21,6 +21,14 @@ class InvalidIdError(StoreError, ValueError):
     """A raw-file, sandbox or container id that breaks the id rule."""
 
 
+class InvalidValueError(StoreError, TypeError, ValueError):
+    """A value that `store` cannot keep as strict JSON.
+
+    It is both a `TypeError` and a `ValueError`, because what was wrong is
+    sometimes the type (a set, a non-str key) and sometimes the value (NaN).
+    """
+
+
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """A store opened with ``create=False`` whose directory does not exist."""
 

@@ -27,12 +27,13 @@ from .errors import (
     LockTimeoutError,
     LockUnsupportedError,
     StoreDeletedError,
+    StoreError,
     StoreNotFoundError,
     UnsafePathError,
 )
 from .fsio import DEFAULT_IO
 from .items import Item
-from .store import Store
+from .store import Store, _named
 from .tokens import TOKENS, HeldLock, current_thread_key, new_token
 from .urls import FILE_SCHEME, path_to_url, split_target
 
@@ -79,7 +80,12 @@ class FilesystemStore(Store):
         # files are never replaced while the store exists, so a later lock whose
         # descriptor shows the same, still linked file needs no path lookup.
         self._lock_files: dict[str, tuple[int, int]] = {}
-        self._identity = self._initialize(create)
+        try:
+            self._identity = self._initialize(create)
+        except StoreError:
+            raise
+        except OSError as error:
+            raise _named(error, f"cannot open store {path}") from error
         _log.debug("opened store %s", path, extra=self._log_fields)
 
     # -- creation and identity ------------------------------------------------
@@ -148,6 +154,11 @@ class FilesystemStore(Store):
             raise
         except OSError as error:
             raise _unsafe_or(error, f"{self._dir}/{Item.LOCK.lock_name}", "the lock file") from None
+        try:
+            _require_regular(self._io.fstat(fd), f"{self._dir}/{Item.LOCK.lock_name}", "the lock file")
+        except BaseException:
+            _close_quietly(self._io, fd)
+            raise
         self._io.close(fd)
 
     def _open_dir(self) -> int:
@@ -268,14 +279,18 @@ class FilesystemStore(Store):
             try:
                 self._io.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 # A cleaner locked the new file before we did and unlinks it: use another name.
-                if self._io.fstat(fd).st_nlink > 0:
-                    return name, fd
+                linked = self._io.fstat(fd).st_nlink > 0
             except BlockingIOError:
-                pass
-            except OSError as error:
-                self._io.close(fd)
+                linked = False
+            except BaseException as error:
+                # Interrupted or failed between open and lock: leave no file and no descriptor.
+                _close_quietly(self._io, fd)
                 _unlink_quietly(self._io, name, dir_fd)
-                raise self._lock_error(error, name) from error
+                if isinstance(error, OSError):
+                    raise self._lock_error(error, f"{self._dir}/{name}") from error
+                raise
+            if linked:
+                return name, fd
             self._io.close(fd)
 
     def _remove_stale_temps(self, dir_fd: int, item: Item) -> None:
@@ -290,6 +305,9 @@ class FilesystemStore(Store):
                 # Gone already, or a planted link or special file that is not ours to remove.
                 continue
             try:
+                # A directory or special file with a temporary file's name is not ours to remove.
+                if not stat.S_ISREG(self._io.fstat(fd).st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "not a regular file", name)
                 # A live writer holds its temporary file locked; only a dead one's is free.
                 self._io.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -316,8 +334,10 @@ class FilesystemStore(Store):
         dir_fd = self._open_dir()
         try:
             raw_fd = self._open_raw_dir(dir_fd)
-        finally:
-            self._io.close(dir_fd)
+        except BaseException:
+            _close_quietly(self._io, dir_fd)
+            raise
+        _close_keeping(self._io, dir_fd, raw_fd)
 
         try:
             while True:
@@ -372,12 +392,15 @@ class FilesystemStore(Store):
         while True:
             fd = self._open_lock_file(item, lock_path)
             try:
-                if not self._flock(fd, exclusive, deadline, lock_path):
-                    raise self._timeout_error(item, exclusive, timeout, lock_path)
-                if self._holds_current_file(fd, item, lock_path):
-                    break
+                # Checked before flock too, so that a link planted in place of the
+                # store directory never makes us lock, or wait on, a file outside it.
+                if self._is_lock_file(fd, item, lock_path):
+                    if not self._flock(fd, exclusive, deadline, lock_path):
+                        raise self._timeout_error(item, exclusive, timeout, lock_path)
+                    if self._is_lock_file(fd, item, lock_path):
+                        break
             except BaseException:
-                self._io.close(fd)
+                _close_quietly(self._io, fd)
                 raise
             # The lock file was replaced while we waited: lock the file that is there now.
             self._io.close(fd)
@@ -408,8 +431,13 @@ class FilesystemStore(Store):
         return LockTimeoutError(f"{message}: another token holds it; retry later or raise the timeout")
 
     def _open_lock_file(self, item: Item, lock_path: str) -> int:
-        # No directory check here: opening cannot create anything, and the
-        # identity check after flock tells a deleted or recreated store apart.
+        # The directory check keeps a link planted in place of the store directory
+        # from making us open anything outside it.
+        # NOTE: a link swapped in between this check and the open below can still
+        # make the open (never the flock) reach outside; the check in _lock runs
+        # before flock. Opening through a directory descriptor would close that
+        # window at two more system calls per lock.
+        self._check_dir()
         try:
             return self._io.open(lock_path, _LOCK_FLAGS)
         except FileNotFoundError:
@@ -422,13 +450,16 @@ class FilesystemStore(Store):
         # a removed directory fails.
         dir_fd = self._open_dir()
         try:
-            return self._io.open(item.lock_name, _LOCK_FLAGS | os.O_CREAT, FILE_MODE, dir_fd=dir_fd)
-        except FileNotFoundError:
-            raise self._deleted() from None
-        except OSError as error:
-            raise _unsafe_or(error, lock_path, "the lock file") from None
-        finally:
-            self._io.close(dir_fd)
+            fd = self._io.open(item.lock_name, _LOCK_FLAGS | os.O_CREAT, FILE_MODE, dir_fd=dir_fd)
+        except BaseException as error:
+            _close_quietly(self._io, dir_fd)
+            if isinstance(error, FileNotFoundError):
+                raise self._deleted() from None
+            if isinstance(error, OSError):
+                raise _unsafe_or(error, lock_path, "the lock file") from None
+            raise
+        _close_keeping(self._io, dir_fd, fd)
+        return fd
 
     def _flock(self, fd: int, exclusive: bool, deadline: float | None, lock_path: str) -> bool:
         operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
@@ -450,8 +481,8 @@ class FilesystemStore(Store):
         except OSError as error:
             raise self._lock_error(error, lock_path) from error
 
-    def _holds_current_file(self, fd: int, item: Item, lock_path: str) -> bool:
-        """Check, after flock, that *fd* is still the lock file of this store.
+    def _is_lock_file(self, fd: int, item: Item, lock_path: str) -> bool:
+        """Check that *fd* is this store's lock file for *item*, still at its path.
 
         Returns False when the path now names another file, to lock that one.
         """
@@ -468,7 +499,8 @@ class FilesystemStore(Store):
             # Lock files live as long as the store: a missing one means delete()
             # ran while we waited, and its lock must not count as ours.
             raise self._deleted() from None
-        # A store deleted and created again at the same path is not this store.
+        # A store deleted and created again at the same path, or a link planted
+        # in place of its directory, is not this store.
         self._check_dir()
         if _identity(at_path) != _identity(held):
             return False
@@ -591,6 +623,23 @@ def _write_all(io, fd: int, data: bytes) -> None:
     while view:
         written = io.write(fd, view)
         view = view[written:]
+
+
+def _close_quietly(io, fd: int) -> None:
+    # Used while another error propagates, which matters more than a failed close.
+    try:
+        io.close(fd)
+    except OSError:
+        pass
+
+
+def _close_keeping(io, fd: int, result_fd: int) -> None:
+    """Close *fd*; if that fails, close *result_fd* too, so the caller's error leaks nothing."""
+    try:
+        io.close(fd)
+    except BaseException:
+        _close_quietly(io, result_fd)
+        raise
 
 
 def _unlink_quietly(io, name: str, dir_fd: int) -> None:

@@ -5,7 +5,7 @@ import json
 import math
 
 from . import tracing
-from .errors import CorruptItemError, StoreError, UnknownItemError
+from .errors import CorruptItemError, InvalidValueError, StoreError, UnknownItemError
 from .items import Item
 from .names import validate_id
 from .tokens import TOKENS
@@ -40,7 +40,12 @@ class Store:
         """
         _check_data_item(item, "load")
         with tracing.span("vcstore.load", self._where, item):
-            data = self._read(item)
+            try:
+                data = self._read(item)
+            except StoreError:
+                raise
+            except OSError as error:
+                raise _named(error, f"cannot load {item!r} from {self._where}") from error
         return _decode(data, item, self._item_where(item))
 
     def store(self, item: Item, value) -> None:
@@ -53,7 +58,12 @@ class Store:
         _check_data_item(item, "store")
         data = _encode(value, item)
         with tracing.span("vcstore.store", self._where, item):
-            self._write(item, data)
+            try:
+                self._write(item, data)
+            except StoreError:
+                raise
+            except OSError as error:
+                raise _named(error, f"cannot store {item!r} in {self._where}") from error
 
     def raw(self, id: str | None = None) -> str:
         """Return the URL of raw file *id*, creating an empty one if missing.
@@ -64,7 +74,12 @@ class Store:
         if id is not None:
             validate_id(id, "raw file id")
         with tracing.span("vcstore.raw", self._where):
-            return self._raw(id)
+            try:
+                return self._raw(id)
+            except StoreError:
+                raise
+            except OSError as error:
+                raise _named(error, f"cannot create raw file {id!r} in {self._where}") from error
 
     def item_lock(self, item: Item, exclusive: bool = True, timeout: float | None = None) -> str:
         """Lock *item* and return the token that `item_unlock` takes.
@@ -79,7 +94,12 @@ class Store:
         if timeout is not None:
             timeout = _check_timeout(timeout)
         with tracing.span("vcstore.lock", self._where, item):
-            return self._lock(item, bool(exclusive), timeout)
+            try:
+                return self._lock(item, bool(exclusive), timeout)
+            except StoreError:
+                raise
+            except OSError as error:
+                raise _named(error, f"cannot lock {item!r} of {self._where}") from error
 
     def item_unlock(self, item: Item, token: str) -> None:
         """Release *token*, taken by `item_lock` on this store for *item*.
@@ -118,6 +138,15 @@ class Store:
     def _is_current(self) -> bool:
         """Return whether `vcstore.open` may hand this object out again."""
         return True
+
+
+def _named(error: OSError, context: str) -> OSError:
+    """Return *error* again, with a message naming the store and the operation.
+
+    The type and errno stay, so ``except OSError`` and errno checks still work.
+    """
+    filename = error.filename if isinstance(error.filename, str) and error.filename.startswith("/") else None
+    return type(error)(error.errno, f"{context}: {error.strerror}", filename)
 
 
 def _check_item(item) -> None:
@@ -159,11 +188,11 @@ def _encode(value, item: Item) -> bytes:
         # sets and other objects.
         text = json.dumps(value, allow_nan=False, separators=(",", ":"))
     except RecursionError:
-        raise ValueError(
+        raise InvalidValueError(
             f"cannot store {item!r}: the value is nested too deeply to encode; flatten it"
         ) from None
     except (TypeError, ValueError) as error:
-        raise type(error)(
+        raise InvalidValueError(
             f"cannot store {item!r}: {error}; store only strict JSON values "
             f"(dict with str keys, list, str, int, finite float, bool, None)"
         ) from None
@@ -181,7 +210,7 @@ def _check_keys(value, item: Item) -> None:
         if isinstance(node, dict):
             for key, child in node.items():
                 if not isinstance(key, str):
-                    raise TypeError(
+                    raise InvalidValueError(
                         f"cannot store {item!r}: dict key {key!r} has type {type(key).__name__}; "
                         f"strict JSON allows only str keys, so convert it with str() first"
                     )
