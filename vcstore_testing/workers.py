@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import reprlib
 import signal
 import threading
 import time
@@ -569,8 +570,14 @@ def _describe(name: str, args: tuple, kwargs: dict) -> str:
     return text
 
 
+# reprlib stops early in large containers: a full repr of a 1 MB value before
+# cutting it took milliseconds on every call.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+
+
 def _short_repr(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     if len(text) > 80:
         text = text[:77] + "..."
     return text
