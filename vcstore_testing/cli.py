@@ -1,12 +1,22 @@
 """The ``vcstore`` command: ``vcstore verify`` checks a backend on a real file system.
 
 ``vcstore verify [TARGET] [--factory MODULE:CALLABLE] [--workers N]
-[--examples N] [--seed N] [--json FILE]`` runs each property check (a
-hypothesis state machine) against the backend, in TARGET: a directory or a
-``file://`` URL. Without TARGET it uses a fresh temporary directory and
-removes it afterwards. With TARGET, each test case uses a fresh empty
-subdirectory of it and removes it afterwards, and a missing TARGET (whose
-parent exists) is created and removed at the end.
+[--examples N] [--seed N] [--json FILE] [--shrink-seconds SECONDS]
+[--stress SECONDS]`` runs each property check (a hypothesis state machine)
+against the backend, in TARGET: a directory or a ``file://`` URL. The
+properties are lock-exclusivity, token-bookkeeping, round-trip and
+crash-safety; ``--factory`` applies to all of them. Without TARGET it uses a
+fresh temporary directory and removes it afterwards. With TARGET, each test
+case uses a fresh empty subdirectory of it and removes it afterwards, and a
+missing TARGET (whose parent exists) is created and removed at the end.
+
+Hypothesis shrinks a failure for at most ``--shrink-seconds`` per property,
+then prints the shortest failing steps it found so far.
+
+``--stress SECONDS`` then runs the stress mode (`vcstore_testing.stress`) for
+that long in a fresh subdirectory, and adds a row named "stress": 1 example,
+its steps are the lock operations that completed, and its counterexample is
+the history checker's report.
 
 Progress goes to stderr. Stdout gets the target and its file-system type, one
 row per property (examples, steps, seconds, result) and, for a failure, the
@@ -25,15 +35,16 @@ is not installed.
      "properties": [{"name", "examples", "steps", "seconds", "passed",
                      "counterexample", "status", "error"}]}
 
-"status" is "passed", "failed" or "not available". A property that is not
-available yet has "passed": null and null counts. "counterexample" is the
-failing steps as text and "error" the failure's exception; both are null
-unless the property failed.
+"status" is "passed", "failed" or "not available". A property whose machine
+cannot be imported is not available: it has "passed": null, null counts and
+the import error in "error". "counterexample" is the failing steps as text
+and "error" the failure's exception; both are null unless the property failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -43,24 +54,41 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["main", "filesystem_type"]
 
-# Test cases per property when --examples is not given. Measured: 22-27 s for
-# lock-exclusivity with 3 workers on a loaded 2-core VM (Python 3.11, ext4).
+# Test cases per property when --examples is not given, sized for a run of
+# at most a minute. Measured with all four properties and 3 workers on a
+# shared 2-core VM (Python 3.11, /tmp on ext4): 36 s at load average 1.8 and
+# 48-54 s at load average 4-5. benchmarks/machines.py repeats the measurement.
 DEFAULT_EXAMPLES = 100
 
-# Every property, in the order of the table; only some are built yet.
-PROPERTIES = ("lock-exclusivity", "token-bookkeeping", "round-trip", "crash-safety")
+# Every property, in the order of the table, and the machine that checks it.
+PROPERTY_MACHINES = {
+    "lock-exclusivity": "LockExclusivityMachine",
+    "token-bookkeeping": "TokenBookkeepingMachine",
+    "round-trip": "RoundTripMachine",
+    "crash-safety": "CrashSafetyMachine",
+}
+PROPERTIES = tuple(PROPERTY_MACHINES)
+
+# The name of the stress mode's row.
+STRESS = "stress"
 
 INSTALL_HINT = "pip install 'vcstore[testing]'"
 
 # Seconds between progress lines when stderr is not a terminal.
 PROGRESS_INTERVAL = 5.0
+
+# Default seconds that hypothesis may spend shrinking one property's failure.
+# Each step drives real processes, and a step that waits for a lock that is
+# never released costs seconds, so shrinking without a bound can take many
+# minutes. When the bound is hit, the steps printed are the shortest found so far.
+SHRINK_SECONDS = 20.0
 
 
 class UsageError(Exception):
@@ -77,6 +105,8 @@ class PropertyResult:
     counterexample: str | None = None
     status: str = "not available"
     error: str | None = None
+    # Whether shrinking stopped at SHRINK_SECONDS; not part of the JSON report.
+    shrinking_cut_short: bool = field(default=False, metadata={"json": False})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +140,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid value {value}: must be 1 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid value {text}: must be a number of seconds > 0")
     return value
 
 
@@ -172,6 +212,25 @@ def _build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="also write the results to FILE as JSON",
     )
+    verify.add_argument(
+        "--shrink-seconds",
+        type=_positive_float,
+        default=SHRINK_SECONDS,
+        metavar="SECONDS",
+        help=(
+            "time limit for shrinking a failure to its shortest steps, per property "
+            f"(default: {SHRINK_SECONDS:g})"
+        ),
+    )
+    verify.add_argument(
+        "--stress",
+        type=_positive_float,
+        metavar="SECONDS",
+        help=(
+            "after the properties, run free lock contention for SECONDS seconds "
+            "and check its history for overlapping holders and lost updates"
+        ),
+    )
     return parser
 
 
@@ -193,13 +252,14 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         filesystem = filesystem_type(target)
         print(f"vcstore verify: testing in {shown_target}", file=sys.stderr)
-        results = [_run_lock_exclusivity(args, target, factory)]
-        results += [PropertyResult(name) for name in PROPERTIES[1:]]
+        results = [_run_property(name, args, target, factory) for name in PROPERTIES]
+        if args.stress is not None:
+            results.append(_run_stress(args, target, factory))
     finally:
         cleanup()
 
     passed = all(result.passed is not False for result in results)
-    _print_report(shown_target, filesystem, results, passed)
+    _print_report(shown_target, filesystem, results, passed, args.shrink_seconds)
     if args.json is not None:
         _write_json(args.json, str(target), filesystem, results, passed)
     return 0 if passed else 1
@@ -413,26 +473,34 @@ class _Tally:
             print(text, file=sys.stderr, flush=True)
 
 
-def _run_lock_exclusivity(
-    args: argparse.Namespace, target: Path, factory: Callable[[Any], Any] | None
+def _run_property(
+    name: str, args: argparse.Namespace, target: Path, factory: Callable[[Any], Any] | None
 ) -> PropertyResult:
     from hypothesis import HealthCheck, seed, settings
     from hypothesis.reporting import with_reporter
     from hypothesis.stateful import run_state_machine_as_test
 
-    from .machines import LockExclusivityMachine
+    from . import machines
 
-    name = "lock-exclusivity"
+    result = PropertyResult(name)
+    class_name = PROPERTY_MACHINES[name]
+    try:
+        base = getattr(machines, class_name)
+    except (ImportError, AttributeError) as error:
+        result.error = f"{type(error).__name__}: {error}"
+        print(f"{name}: not available ({result.error})", file=sys.stderr)
+        return result
+
     tally = _Tally(name, args.examples)
     attributes = {
         "workers": args.workers,
         "parent_directory": str(target),
-        "teardown": _counting_teardown(LockExclusivityMachine, tally),
+        "teardown": _counting_teardown(base, tally),
     }
     if factory is not None:
         attributes["store_factory"] = staticmethod(factory)
     # The name that hypothesis prints in "state = LockExclusivityMachine()".
-    machine = type("LockExclusivityMachine", (LockExclusivityMachine,), attributes)
+    machine = type(class_name, (base,), attributes)
     if args.seed is not None:
         machine = seed(args.seed)(machine)
 
@@ -445,15 +513,15 @@ def _run_lock_exclusivity(
     )
     reported: list[str] = []
     print(f"{name}: running up to {args.examples} examples", file=sys.stderr)
-    result = PropertyResult(name)
     try:
-        with with_reporter(reported.append):
+        with with_reporter(reported.append), _shrinking_bounded(args.shrink_seconds):
             run_state_machine_as_test(machine, settings=run_settings)
     except Exception as error:
         result.passed = False
         result.status = "failed"
         result.error = f"{type(error).__name__}: {error}"
         result.counterexample = _failing_steps(reported, error)
+        result.shrinking_cut_short = any(_SLOW_SHRINK_WARNING in text for text in reported)
     else:
         result.passed = True
         result.status = "passed"
@@ -464,6 +532,70 @@ def _run_lock_exclusivity(
     result.steps = tally.steps
     result.seconds = round(time.monotonic() - tally.start, 2)
     return result
+
+
+def _run_stress(
+    args: argparse.Namespace, target: Path, factory: Callable[[Any], Any] | None
+) -> PropertyResult:
+    import vcstore
+
+    from .stress import run_stress
+
+    result = PropertyResult(STRESS)
+    print(f"{STRESS}: running for {args.stress:g} s", file=sys.stderr)
+    started = time.monotonic()
+    directory = tempfile.mkdtemp(prefix="vcstore-stress-", dir=target)
+    try:
+        checked = run_stress(
+            directory,
+            seconds=args.stress,
+            workers=args.workers,
+            store_factory=factory if factory is not None else vcstore.open,
+        )
+    except Exception as error:
+        result.passed = False
+        result.status = "failed"
+        result.error = f"{type(error).__name__}: {error}"
+        checked = None
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    result.seconds = round(time.monotonic() - started, 2)
+    result.examples = 1
+    if checked is None:
+        return result
+
+    result.steps = len(checked.windows)
+    result.passed = checked.valid
+    result.status = "passed" if checked.valid else "failed"
+    print(
+        f"{STRESS}: {checked.increments} increments, {len(checked.windows)} lock operations",
+        file=sys.stderr,
+    )
+    if not checked.valid:
+        result.error = (
+            f"the history shows {len(checked.overlaps)} overlapping holders, "
+            f"{len(checked.lost_updates)} lost updates and {len(checked.errors)} errors"
+        )
+        result.counterexample = str(checked)
+    return result
+
+
+# How hypothesis's report starts when it stops shrinking at its time bound.
+_SLOW_SHRINK_WARNING = "WARNING: Hypothesis has spent more than"
+
+
+@contextlib.contextmanager
+def _shrinking_bounded(seconds: float):
+    """Bound the time hypothesis spends shrinking a failure, for the ``with`` block."""
+    # Hypothesis documents this module constant as the one to patch for another bound.
+    from hypothesis.internal.conjecture import engine
+
+    saved = engine.MAX_SHRINKING_SECONDS
+    engine.MAX_SHRINKING_SECONDS = seconds
+    try:
+        yield
+    finally:
+        engine.MAX_SHRINKING_SECONDS = saved
 
 
 def _counting_teardown(base: type, tally: _Tally) -> Callable[[Any], None]:
@@ -507,7 +639,11 @@ def _failing_steps(reported: list[str], error: BaseException) -> str:
 
 
 def _print_report(
-    target: Any, filesystem: str, results: list[PropertyResult], passed: bool
+    target: Any,
+    filesystem: str,
+    results: list[PropertyResult],
+    passed: bool,
+    shrink_seconds: float,
 ) -> None:
     print(f"target: {target}, file system: {filesystem}")
     print()
@@ -515,18 +651,15 @@ def _print_report(
     header = ("property", "examples", "steps", "seconds", "result")
     rows = [header]
     for result in results:
-        if result.passed is None:
-            rows.append((result.name, "-", "-", "-", result.status))
-        else:
-            rows.append(
-                (
-                    result.name,
-                    str(result.examples),
-                    str(result.steps),
-                    f"{result.seconds:.1f}",
-                    result.status,
-                )
+        rows.append(
+            (
+                result.name,
+                "-" if result.examples is None else str(result.examples),
+                "-" if result.steps is None else str(result.steps),
+                "-" if result.seconds is None else f"{result.seconds:.1f}",
+                result.status,
             )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         cells = [row[0].ljust(widths[0])]
@@ -538,20 +671,39 @@ def _print_report(
         if result.passed is False:
             print()
             print(f"{result.name} failed: {result.error}")
-            print("Shortest failing steps found by hypothesis:")
-            for line in (result.counterexample or "").splitlines():
+            if result.counterexample is None:
+                continue
+            if result.name == STRESS:
+                print("What the history checker found:")
+            elif result.shrinking_cut_short:
+                print(
+                    f"Shortest failing steps found by hypothesis (shrinking stopped after "
+                    f"{shrink_seconds:g} s, so shorter ones may exist):"
+                )
+            else:
+                print("Shortest failing steps found by hypothesis:")
+            for line in result.counterexample.splitlines():
                 print("    " + line)
 
     available = [result for result in results if result.passed is not None]
     print()
     if passed:
-        print(
-            f"passed: {len(available)} of {len(results)} properties checked, "
-            f"{len(results) - len(available)} not available yet"
-        )
+        missing = len(results) - len(available)
+        text = f"passed: {len(available)} of {len(results)} checks ran"
+        if missing:
+            text += f", {missing} not available"
+        print(text)
     else:
         failed = ", ".join(result.name for result in results if result.passed is False)
         print(f"failed: {failed}")
+
+
+def _json_fields(result: PropertyResult) -> dict:
+    return {
+        item.name: getattr(result, item.name)
+        for item in fields(result)
+        if item.metadata.get("json", True)
+    }
 
 
 def _write_json(
@@ -561,7 +713,7 @@ def _write_json(
         "target": target,
         "filesystem": filesystem,
         "passed": passed,
-        "properties": [asdict(result) for result in results],
+        "properties": [_json_fields(result) for result in results],
     }
     try:
         path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

@@ -1,11 +1,13 @@
 """`vcstore verify`, run as a user runs it: a subprocess on real directories."""
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,14 @@ from vcstore_testing.cli import _parse_mountinfo, filesystem_type
 
 # Few examples: these tests check the command, not the backend.
 EXAMPLES = "3"
+
+PROPERTIES = ("lock-exclusivity", "token-bookkeeping", "round-trip", "crash-safety")
+
+# Seconds of the stress mode: these tests check its row, not the backend.
+STRESS_SECONDS = "1"
+
+# Seconds of shrinking per failing property: the steps need not be the shortest here.
+SHRINK_SECONDS = "3"
 
 BROKEN_FACTORY = textwrap.dedent(
     """
@@ -104,30 +114,101 @@ def target(tmp_path):
 # A passing run
 
 
-def test_verify_passes_on_tmp_dir(target):
-    finished = verify(target, "--examples", EXAMPLES)
+@dataclasses.dataclass
+class Run:
+    """One finished ``vcstore verify`` and where it ran."""
+
+    finished: subprocess.CompletedProcess
+    target: Path
+    report: dict
+
+
+def run_once(tmp_path_factory, name, *args, cwd=None) -> Run:
+    """Run ``vcstore verify TARGET ARGS --json FILE`` in fresh directories."""
+    base = tmp_path_factory.mktemp(name)
+    target = base / "target"
+    target.mkdir()
+    report_path = base / "report.json"
+    finished = verify(target, *args, "--json", report_path, cwd=cwd)
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return Run(finished, target, report)
+
+
+# One passing run serves every test that reads it: each run takes seconds.
+@pytest.fixture(scope="module")
+def passing(tmp_path_factory):
+    return run_once(tmp_path_factory, "passing", "--examples", EXAMPLES, "--stress", STRESS_SECONDS)
+
+
+def test_verify_passes_on_tmp_dir(passing):
+    assert passing.finished.returncode == 0, passing.finished.stdout + passing.finished.stderr
+
+
+def test_verify_leaves_target_empty(passing):
+    assert list(passing.target.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", PROPERTIES)
+def test_verify_runs_every_property(passing, name):
+    assert row(passing.finished.stdout, name)[4] == "passed"
+
+
+def test_verify_names_target(passing):
+    assert f"target: {passing.target}, file system: " in passing.finished.stdout
+
+
+def test_verify_shows_progress_on_stderr(passing):
+    assert f"lock-exclusivity: {EXAMPLES} of {EXAMPLES} examples" in passing.finished.stderr
+
+
+def test_verify_json(passing):
+    assert passing.report["target"] == str(passing.target)
+    assert passing.report["filesystem"]
+    assert passing.report["passed"] is True
+    assert [p["name"] for p in passing.report["properties"]] == [*PROPERTIES, "stress"]
+
+
+@pytest.mark.parametrize("index", range(len(PROPERTIES)))
+def test_verify_json_property_fields(passing, index):
+    checked = passing.report["properties"][index]
+
+    assert checked["passed"] is True
+    assert checked["status"] == "passed"
+    assert checked["examples"] == int(EXAMPLES)
+    assert checked["steps"] >= 1
+    assert checked["seconds"] > 0
+    assert checked["counterexample"] is None
+    assert checked["error"] is None
+
+
+def test_stress_row_passes(passing):
+    assert row(passing.finished.stdout, "stress")[4] == "passed"
+
+
+def test_stress_json_entry(passing):
+    stress = passing.report["properties"][-1]
+
+    assert stress["name"] == "stress"
+    assert stress["passed"] is True
+    assert stress["examples"] == 1
+    assert stress["steps"] >= 1
+
+
+def test_verify_unimportable_machine_not_available(target):
+    # A machine module that cannot be imported leaves its property unchecked, not failed.
+    script = (
+        "import sys\n"
+        "sys.modules['vcstore_testing.machines.crash_safety'] = None\n"
+        "from vcstore_testing.cli import main\n"
+        f"sys.exit(main(['verify', {str(target)!r}, '--examples', {EXAMPLES!r}]))\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
 
     assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert row(finished.stdout, "crash-safety")[4] == "not available"
     assert row(finished.stdout, "lock-exclusivity")[4] == "passed"
-
-
-def test_verify_leaves_target_empty(target):
-    verify(target, "--examples", EXAMPLES)
-
-    assert list(target.iterdir()) == []
-
-
-def test_verify_unbuilt_properties_not_available(target):
-    finished = verify(target, "--examples", EXAMPLES)
-
-    for name in ("token-bookkeeping", "round-trip", "crash-safety"):
-        assert row(finished.stdout, name)[4] == "not available"
-
-
-def test_verify_names_target(target):
-    finished = verify(target, "--examples", EXAMPLES)
-
-    assert f"target: {target}, file system: " in finished.stdout
 
 
 @pytest.mark.skipif(not shm_is_tmpfs(), reason="/dev/shm is not a tmpfs here")
@@ -141,12 +222,6 @@ def test_verify_on_shm_names_tmpfs():
 
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert "file system: tmpfs" in finished.stdout
-
-
-def test_verify_shows_progress_on_stderr(target):
-    finished = verify(target, "--examples", EXAMPLES)
-
-    assert f"lock-exclusivity: {EXAMPLES} of {EXAMPLES} examples" in finished.stderr
 
 
 def test_verify_accepts_file_url(target):
@@ -176,38 +251,6 @@ def test_verify_removes_default_temporary_dir(tmp_path):
     assert list(temporary.iterdir()) == []
 
 
-def test_verify_json(target, tmp_path):
-    report_path = tmp_path / "report.json"
-
-    verify(target, "--examples", EXAMPLES, "--json", report_path)
-
-    report = json.loads(report_path.read_text())
-    assert report["target"] == str(target)
-    assert report["filesystem"]
-    assert report["passed"] is True
-    assert [p["name"] for p in report["properties"]] == [
-        "lock-exclusivity",
-        "token-bookkeeping",
-        "round-trip",
-        "crash-safety",
-    ]
-
-
-def test_verify_json_property_fields(target, tmp_path):
-    report_path = tmp_path / "report.json"
-
-    verify(target, "--examples", EXAMPLES, "--json", report_path)
-
-    checked, *missing = json.loads(report_path.read_text())["properties"]
-    assert checked["passed"] is True
-    assert checked["examples"] == int(EXAMPLES)
-    assert checked["steps"] >= 1
-    assert checked["seconds"] > 0
-    assert checked["counterexample"] is None
-    assert [p["passed"] for p in missing] == [None, None, None]
-    assert [p["status"] for p in missing] == ["not available"] * 3
-
-
 def test_verify_seed_repeats_run(target, factory_dir):
     log_path = factory_dir / "locks.log"
     logs = []
@@ -222,7 +265,9 @@ def test_verify_seed_repeats_run(target, factory_dir):
             "recording_backend:RecordingStore",
             cwd=factory_dir,
         )
-        logs.append(log_path.read_text())
+        # Workers and the probe process append to one log, so lines of
+        # different processes may interleave differently: compare them sorted.
+        logs.append(sorted(log_path.read_text().splitlines()))
         log_path.unlink()
 
     assert logs[0]
@@ -233,51 +278,77 @@ def test_verify_seed_repeats_run(target, factory_dir):
 # A failing backend
 
 
-def test_broken_factory_exits_1(target, factory_dir):
-    finished = verify(
-        target, "--examples", "20", "--factory", "broken_backend:KeptLockStore", cwd=factory_dir
-    )
-
-    assert finished.returncode == 1, finished.stdout + finished.stderr
-    assert row(finished.stdout, "lock-exclusivity")[4] == "failed"
-
-
-def test_broken_factory_prints_steps(target, factory_dir):
-    finished = verify(
-        target, "--examples", "20", "--factory", "broken_backend:KeptLockStore", cwd=factory_dir
-    )
-
-    assert "Shortest failing steps found by hypothesis:" in finished.stdout
-    assert "state = LockExclusivityMachine()" in finished.stdout
-    assert "state.item_lock(" in finished.stdout
-
-
-def test_broken_factory_json(target, factory_dir, tmp_path):
-    report_path = tmp_path / "report.json"
-
-    verify(
-        target,
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    factories = tmp_path_factory.mktemp("broken-factories")
+    (factories / "broken_backend.py").write_text(BROKEN_FACTORY)
+    return run_once(
+        tmp_path_factory,
+        "broken",
         "--examples",
         "20",
+        "--shrink-seconds",
+        SHRINK_SECONDS,
         "--factory",
         "broken_backend:KeptLockStore",
-        "--json",
-        report_path,
-        cwd=factory_dir,
+        cwd=factories,
     )
 
-    report = json.loads(report_path.read_text())
-    checked = report["properties"][0]
-    assert report["passed"] is False
+
+def test_broken_factory_exits_1(broken):
+    assert broken.finished.returncode == 1, broken.finished.stdout + broken.finished.stderr
+    assert row(broken.finished.stdout, "lock-exclusivity")[4] == "failed"
+
+
+def test_broken_factory_prints_steps(broken):
+    assert "Shortest failing steps found by hypothesis" in broken.finished.stdout
+    assert "state = LockExclusivityMachine()" in broken.finished.stdout
+    assert "state.item_lock(" in broken.finished.stdout
+
+
+def test_broken_factory_json(broken):
+    checked = broken.report["properties"][0]
+
+    assert broken.report["passed"] is False
     assert checked["passed"] is False
     assert checked["status"] == "failed"
     assert "state.item_lock(" in checked["counterexample"]
 
 
-def test_broken_factory_leaves_target_empty(target, factory_dir):
-    verify(target, "--examples", "20", "--factory", "broken_backend:KeptLockStore", cwd=factory_dir)
+def test_broken_factory_leaves_target_empty(broken):
+    assert list(broken.target.iterdir()) == []
 
-    assert list(target.iterdir()) == []
+
+@pytest.fixture(scope="module")
+def mutant(tmp_path_factory):
+    return run_once(
+        tmp_path_factory,
+        "mutant",
+        "--examples",
+        "20",
+        "--shrink-seconds",
+        SHRINK_SECONDS,
+        "--stress",
+        STRESS_SECONDS,
+        "--factory",
+        "vcstore_testing.mutants:no_lock",
+    )
+
+
+def test_mutant_factory_exits_1(mutant):
+    assert mutant.finished.returncode == 1, mutant.finished.stdout + mutant.finished.stderr
+    assert row(mutant.finished.stdout, "lock-exclusivity")[4] == "failed"
+
+
+def test_mutant_factory_prints_steps(mutant):
+    assert "Shortest failing steps found by hypothesis" in mutant.finished.stdout
+    assert "state = LockExclusivityMachine()" in mutant.finished.stdout
+    assert "state.item_lock(" in mutant.finished.stdout
+
+
+def test_stress_catches_mutant(mutant):
+    assert row(mutant.finished.stdout, "stress")[4] == "failed"
+    assert "overlap: process" in mutant.finished.stdout
 
 
 # ---------------------------------------------------------------------------
@@ -290,6 +361,15 @@ def test_unknown_option_exits_2(target):
 
 def test_zero_workers_exits_2(target):
     assert verify(target, "--workers", "0").returncode == 2
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "soon", "inf"])
+def test_invalid_stress_seconds_exits_2(target, seconds):
+    assert verify(target, "--stress", seconds).returncode == 2
+
+
+def test_invalid_shrink_seconds_exits_2(target):
+    assert verify(target, "--shrink-seconds", "0").returncode == 2
 
 
 def test_target_file_exits_2(tmp_path):
