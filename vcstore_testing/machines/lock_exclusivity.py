@@ -9,32 +9,75 @@ outcome exactly, because each token is its own open file description:
 - a shared request fails while an exclusive token is held on that file;
 - DEVICES and DEVICE_IDS share one lock file, so they conflict with each other.
 
-After every step an invariant probes every item's lock from a separate process
-and compares "free", "shared" or "exclusive" with the model. Worker deaths
-(SIGKILL) are mixed in: the kernel must drop a dead worker's locks.
+After every step an invariant probes, from a separate process, the lock of
+each item that the step touched and compares "free", "shared" or "exclusive"
+with the model. Mixed in with the try-locks:
+
+- worker deaths (SIGKILL): the kernel must drop a dead worker's locks;
+- pending blocking waiters: a blocking ``item_lock`` submitted to a worker
+  (`Worker.submit`) that conflicts with a held token stays waiting across
+  later steps, while other rules go on. As long as the model predicts that
+  it must wait, it must not return. Once an unlock, a death or a delete releases
+  every conflicting token, it must return a token (after an unlock or a
+  death) or raise `vcstore.StoreDeletedError` (after a delete);
+- stores and loads of the locked items: a store replaces the item's data
+  file, which must not change who holds the item's lock;
+- deletes: a worker deletes the store while others hold tokens and wait.
+  Every other worker then drops its stale store object (by deleting the
+  store again, which releases the object's tokens and removes nothing), so
+  its next command opens a new store, and every waiter must wake up to
+  `vcstore.StoreDeletedError`.
 
 A downstream project checks its own backend by subclassing::
 
     class TestMyLocks(LockExclusivityMachine):
         store_factory = my_backend.open_store   # takes a root directory
+        deletes = False                         # if the backend cannot delete
 
     TestMyLocks = TestMyLocks.TestCase
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, consumes, invariant, multiple, precondition, rule
 
-from vcstore import Item, LockTimeoutError
+from vcstore import Item, ItemNotFoundError, LockTimeoutError, StoreDeletedError
 
-from ..probe import LOCK_STATES
+from ..probe import LOCK_STATES, Prober
+from ..workers import Pending, Worker, WorkerPool
 from .base import StoreMachine
 
-__all__ = ["HeldToken", "LockExclusivityMachine"]
+__all__ = [
+    "HeldToken",
+    "ItemLockMachine",
+    "LockExclusivityMachine",
+    "Outcome",
+    "ReopeningStore",
+    "Waiter",
+    "fail",
+]
+
+# Bound, in seconds, on the wait for a waiter that the model predicts must
+# return now. Only a broken backend (or a stalled machine) reaches it.
+WAKE_SECONDS = 5.0
+
+# Seconds after which a waiter that must return gets a probe of its lock, so
+# that a broken backend usually fails without the whole WAKE_SECONDS wait.
+PROMPT_SECONDS = 0.5
+
+# Seconds that a new waiter gets to return early before the step ends. It is
+# not a bound that a correct backend must meet: it only makes a broken one
+# fail at the same step on every run, which hypothesis needs to shrink it.
+EARLY_REPLY_SECONDS = 0.01
+
+# The items that can store data. Item.LOCK has none and is only locked.
+DATA_ITEMS = tuple(item for item in Item if item is not Item.LOCK)
 
 
 @dataclass(frozen=True)
@@ -48,47 +91,180 @@ class HeldToken:
     backend_token: Any
 
     def describe(self) -> str:
+        kind = "an exclusive" if self.exclusive else "a shared"
+        return f"worker {self.worker} holds {kind} token on {self.item!r}"
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A blocking lock request that worker *worker* submitted and that still waits."""
+
+    worker: int
+    item: Item
+    exclusive: bool
+    pending: Pending
+
+    def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
-        return f"worker {self.worker} holds a {kind} token on {self.item!r}"
+        return f"worker {self.worker}'s blocking {kind} lock request on {self.item!r}"
 
 
-class LockExclusivityMachine(StoreMachine):
-    """Check item-lock exclusion between worker processes against a model.
+@dataclass(frozen=True)
+class Outcome:
+    """The outcome of a submitted call after a bounded wait: blocked, a value or an error."""
 
-    The class attributes of `StoreMachine` (``store_factory``, ``workers``,
-    ``start_method``, ``parent_directory``, ``worker_deaths``) apply; with
-    ``worker_deaths`` the ``kill_worker`` rule runs.
+    blocked: bool
+    value: Any = None
+    error: BaseException | None = None
+
+    @classmethod
+    def of(cls, pending: Pending, timeout: float) -> Outcome:
+        """Wait at most *timeout* seconds for *pending* and return what it did."""
+        if not pending.wait(timeout):
+            return cls(blocked=True)
+        try:
+            return cls(blocked=False, value=pending.result(0))
+        except Exception as error:
+            return cls(blocked=False, error=error)
+
+    def error_text(self) -> str:
+        return f"{type(self.error).__name__} ({self.error})"
+
+
+def fail(message: str) -> NoReturn:
+    """Raise the AssertionError that reports a broken expectation.
+
+    Every check of the machines fails through this one line, outside any
+    ``except`` block, so hypothesis treats all of them as one failure and
+    reports its shortest program, instead of shrinking and reporting one
+    failure per check.
+    """
+    raise AssertionError(message)
+
+
+class ReopeningStore:
+    """A store that the probe process opens again after the store was deleted.
+
+    A probe runs after a delete too, when its cached store object is stale.
+    Only lock calls are passed on, which is all that a probe makes.
+    """
+
+    def __init__(self, store_factory: Any, target: Any) -> None:
+        self._store_factory = store_factory
+        self._target = target
+        self._store = store_factory(target)
+
+    def item_lock(self, item: Item, exclusive: bool = True, timeout: float | None = None) -> Any:
+        try:
+            return self._store.item_lock(item, exclusive=exclusive, timeout=timeout)
+        except StoreDeletedError:
+            self._store = self._store_factory(self._target)
+            return self._store.item_lock(item, exclusive=exclusive, timeout=timeout)
+
+    def item_unlock(self, item: Item, token: Any) -> None:
+        self._store.item_unlock(item, token)
+
+
+# ----------------------------------------------------------------------------
+# The model of held tokens
+
+
+def conflicts_with(tokens: Iterable[HeldToken], item: Item, exclusive: bool) -> list[HeldToken]:
+    """Return the tokens of *tokens* that make a lock request on *item* fail."""
+    return [
+        token
+        for token in tokens
+        if token.item.lock_name == item.lock_name and (exclusive or token.exclusive)
+    ]
+
+
+def expected_state(tokens: Iterable[HeldToken], item: Item) -> str:
+    """Return the lock state that a probe of *item* must find while *tokens* are held."""
+    holders = [token for token in tokens if token.item.lock_name == item.lock_name]
+    if any(token.exclusive for token in holders):
+        return "exclusive"
+    if holders:
+        return "shared"
+    return "free"
+
+
+def holders_text(tokens: Iterable[HeldToken], item: Item) -> str:
+    """Describe who holds *item*'s lock file, for messages."""
+    holders = [token for token in tokens if token.item.lock_name == item.lock_name]
+    if not holders:
+        return "the model holds no token on its lock file"
+    return "; ".join(token.describe() for token in holders)
+
+
+class ItemLockMachine(StoreMachine):
+    """Base of the machines that mix try-locks on every item into their rules.
+
+    Its rules are ``item_lock`` (``timeout=0``, outcome predicted by the
+    model) and ``item_unlock``, and an invariant probes the items whose lock
+    a step touched. It keeps track of the workers that cache a store object
+    of the current store (``opened``), so that after a delete each of them
+    can drop it.
     """
 
     # A class body cannot see its base's names; the bundle itself is shared.
     worker_ids = StoreMachine.worker_ids
     held_tokens = Bundle("token")
 
+    # Whether every lock and unlock gets a probe of its item. A machine that
+    # checks something else saves those round trips: the outcomes of its
+    # try-locks still check exclusion, and a death still gets a probe.
+    probe_lock_steps: bool = True
+
     def __init__(self) -> None:
         super().__init__()
         self.model: list[HeldToken] = []
+        # Workers whose cached store object is the current store's.
+        self.opened: set[int] = set()
+        # Items whose lock state may have changed since the last probe.
+        self.touched: set[Item] = set()
 
-    @rule(target=held_tokens, worker=worker_ids, item=st.sampled_from(Item), exclusive=st.booleans())
+    # Replaces StoreMachine._start_pool to give the probe process a ReopeningStore.
+    def _start_pool(self) -> None:
+        if self.pool is None:
+            self.pool = WorkerPool(self.workers, self._factory(), self.start_method)
+            self._start_prober()
+
+    def _start_prober(self) -> None:
+        # The probe outlives deletes, which leave its cached store object stale.
+        self.prober = Prober(functools.partial(ReopeningStore, self._factory()), self.start_method)
+
+    def _restart_prober(self) -> None:
+        """Replace the probe process, which drops any lock that it failed to release."""
+        self.prober.close()
+        self._start_prober()
+
+    @rule(
+        target=held_tokens, worker=worker_ids, item=st.sampled_from(Item), exclusive=st.booleans()
+    )
     def item_lock(self, worker: int, item: Item, exclusive: bool):
         self.steps += 1
-        kind = "exclusive" if exclusive else "shared"
-        conflicts = self._conflicts(item, exclusive)
+        kind = "an exclusive" if exclusive else "a shared"
+        conflicts = conflicts_with(self.model, item, exclusive)
+        if self.probe_lock_steps:
+            self.touched.add(item)
 
         try:
-            token = self._worker(worker).item_lock(self.root, item, exclusive, timeout=0)
+            token = self._store_worker(worker).item_lock(self.root, item, exclusive, timeout=0)
         except LockTimeoutError:
+            token = LockTimeoutError
+        if token is LockTimeoutError:
             if not conflicts:
-                raise AssertionError(
-                    f"worker {worker} could not take a {kind} lock on {item!r} with "
+                fail(
+                    f"worker {worker} could not take {kind} lock on {item!r} with "
                     f"timeout=0, but no token conflicts with it "
-                    f"({self._holders_text(item)})"
-                ) from None
+                    f"({holders_text(self.model, item)})"
+                )
             return multiple()
 
         # Two holders where one is exclusive: the bug this machine hunts.
         if conflicts:
-            raise AssertionError(
-                f"worker {worker} took a {kind} lock on {item!r} although "
+            fail(
+                f"worker {worker} took {kind} lock on {item!r} although "
                 + "; ".join(conflict.describe() for conflict in conflicts)
                 + " on the same lock file"
             )
@@ -96,40 +272,46 @@ class LockExclusivityMachine(StoreMachine):
         self.model.append(held_token)
         return held_token
 
-    @rule(token=consumes(held_tokens))
+    @rule(target=held_tokens, token=consumes(held_tokens))
     def item_unlock(self, token: HeldToken):
+        """Release *token* and return the tokens that this release lets waiters take."""
         self.steps += 1
 
-        # The token died with its worker (kill_worker), so nothing is left to release.
+        # The token died with its worker or its store, so nothing is left to release.
         if token not in self.model:
-            return
+            return multiple()
 
-        self._worker(token.worker).item_unlock(self.root, token.item, token.backend_token)
+        self._store_worker(token.worker).item_unlock(self.root, token.item, token.backend_token)
         self.model.remove(token)
+        if self.probe_lock_steps:
+            self.touched.add(token.item)
+        kind = "exclusive" if token.exclusive else "shared"
+        reason = f"worker {token.worker} released its {kind} token on {token.item!r}"
+        return multiple(*self._after_release(reason))
 
-    @precondition(lambda self: self.worker_deaths and bool(self.model))
-    @rule(worker=worker_ids)
-    def kill_worker(self, worker: int):
-        """SIGKILL the worker and start a new one; its tokens are gone."""
-        self.steps += 1
-        self._worker(worker).kill()
-        self._worker(worker).restart()
-        self.model = [token for token in self.model if token.worker != worker]
+    def _after_release(self, reason: str) -> list[HeldToken]:
+        """Return the tokens that a release lets blocked requests take.
+
+        This base class submits no blocking request, so it returns none.
+        """
+        return []
 
     @invariant()
     def lock_states_match_model(self) -> None:
-        # No worker has started, so nothing of this test case can hold a lock.
-        if self.prober is None:
+        # Only a step's own items can change state, so only those are probed.
+        if not self.touched or self.prober is None:
             return
-        found = self.prober.states(self.root, tuple(Item))
+        items = tuple(sorted(self.touched, key=list(Item).index))
+        self.touched = set()
+        found = self.prober.states(self.root, items)
         wrong = []
         stricter = False
-        for item in Item:
-            expected = self._expected_state(item)
+        for item in items:
+            expected = expected_state(self.model, item)
             if found[item] != expected:
                 wrong.append(
                     f"{item!r} is {found[item]}, expected {expected} "
-                    f"({self._holders_text(item)})"
+                    f"({holders_text(self.model, item)})"
                 )
                 stricter |= LOCK_STATES.index(found[item]) > LOCK_STATES.index(expected)
         if not wrong:
@@ -143,29 +325,287 @@ class LockExclusivityMachine(StoreMachine):
                 ". A lock held beyond the model may be one that item_unlock did "
                 "not release, possibly one of the probe's own"
             )
-        raise AssertionError(message)
+        fail(message)
 
-    # --- the model -------------------------------------------------------------
+    def _store_worker(self, index: int) -> Worker:
+        """Return worker *index* for a store command, which opens the store."""
+        self.opened.add(index)
+        return self._worker(index)
 
-    def _on_same_file(self, item: Item) -> list[HeldToken]:
-        return [token for token in self.model if token.item.lock_name == item.lock_name]
+    def _restart_worker(self, index: int) -> None:
+        """Start a new process for worker *index* and drop its tokens from the model."""
+        self._worker(index).restart()
+        self.opened.discard(index)
+        self.touched.update(token.item for token in self.model if token.worker == index)
+        self.model = [token for token in self.model if token.worker != index]
 
-    def _conflicts(self, item: Item, exclusive: bool) -> list[HeldToken]:
-        """Return the held tokens that make a lock request on *item* fail."""
-        return [
-            token for token in self._on_same_file(item) if exclusive or token.exclusive
-        ]
+    def _drop_stale_stores(self) -> None:
+        """Make every worker drop its store object after the store was deleted.
 
-    def _expected_state(self, item: Item) -> str:
-        holders = self._on_same_file(item)
-        if any(token.exclusive for token in holders):
-            return "exclusive"
-        if holders:
-            return "shared"
-        return "free"
+        Deleting a store that is already gone removes nothing and releases
+        the tokens that the object holds: the worker drops its cached object
+        and opens the store again at its next command.
+        """
+        for index in sorted(self.opened):
+            self._worker(index).delete(self.root)
+        self.opened = set()
+        self.model = []
+        # No token is held now, so no lock state is worth a probe.
+        self.touched = set()
 
-    def _holders_text(self, item: Item) -> str:
-        holders = self._on_same_file(item)
-        if not holders:
-            return "the model holds no token on its lock file"
-        return "; ".join(token.describe() for token in holders)
+
+class LockExclusivityMachine(ItemLockMachine):
+    """Check item-lock exclusion between worker processes against a model.
+
+    The class attributes of `StoreMachine` (``store_factory``, ``workers``,
+    ``start_method``, ``parent_directory``, ``worker_deaths``) apply; with
+    ``worker_deaths`` the ``kill_worker`` rule runs. More class attributes:
+
+    - ``pending_waiters`` (default True): the ``wait_for_lock`` rule, which
+      submits blocking lock requests. Set it to False for a backend without
+      blocking locks.
+    - ``waiter_timeout`` (default None): the timeout that ``wait_for_lock``
+      passes to ``item_lock``; None blocks without a bound. A number must be
+      far longer than a test case (say 30.0), because a waiter that times out
+      is reported as a failure.
+    - ``deletes`` (default True): the ``delete`` rule. Set it to False for a
+      backend that cannot delete a store.
+    - ``death_spacing`` (default 3): ``kill_worker`` runs only on steps whose
+      number is a multiple of this, because each death starts a new worker
+      process, which costs several times as much as another step. 1 allows a
+      death at any step.
+    """
+
+    worker_ids = ItemLockMachine.worker_ids
+    held_tokens = ItemLockMachine.held_tokens
+
+    pending_waiters: bool = True
+    waiter_timeout: float | None = None
+    deletes: bool = True
+    death_spacing: int = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters: list[Waiter] = []
+        # The value of each data file, by file name. A missing name was never stored.
+        self.values: dict[str, Any] = {}
+
+    # --- blocking requests left waiting ------------------------------------------
+
+    @precondition(lambda self: self.pending_waiters and bool(self.model))
+    @rule(target=held_tokens, worker=worker_ids, holder=held_tokens, exclusive=st.booleans())
+    def wait_for_lock(self, worker: int, holder: HeldToken, exclusive: bool):
+        """Submit a blocking lock request on *holder*'s item, left waiting while it conflicts.
+
+        *holder* only picks the item, so that requests often conflict. It may
+        be released already. A request that conflicts with no token, such as
+        a shared request behind a shared token, must return at once.
+        """
+        self.steps += 1
+        item = holder.item
+        conflicts = conflicts_with(self.model, item, exclusive)
+
+        # With two waiters on one lock file, which one a release lets in
+        # depends on timing, so the model allows one.
+        if conflicts and any(w.item.lock_name == item.lock_name for w in self.waiters):
+            return multiple()
+
+        # The submitted call runs on a new thread of the worker, which takes
+        # the worker's cached store object before the worker serves its next
+        # command. An empty probe opens that object first: otherwise the
+        # thread would open the store itself, and a delete in a later step
+        # could come first and let the thread create a new store.
+        # NOTE: "before the next command" relies on CPython handing the GIL to
+        # the worker's main thread only once the new thread blocks (or after
+        # its 5 ms switch interval); the worker protocol has no handshake.
+        if worker not in self.opened:
+            self._store_worker(worker).probe(self.root, ())
+        pending = self._worker(worker).submit(
+            "item_lock", self.root, item, exclusive, timeout=self.waiter_timeout
+        )
+        waiter = Waiter(worker, item, exclusive, pending)
+        self.touched.add(item)
+
+        if conflicts:
+            # A request that returns without waiting replies within a few
+            # milliseconds, so the invariant finds it in this step, and a
+            # broken backend fails at the same step each time it runs.
+            waiter.pending.wait(EARLY_REPLY_SECONDS)
+            self.waiters.append(waiter)
+            return multiple()
+        return self._collect_grant(waiter, "it was submitted while no token conflicts with it")
+
+    @invariant()
+    def waiters_still_blocked(self) -> None:
+        for waiter in self.waiters:
+            if not waiter.pending.done():
+                continue
+            conflicts = conflicts_with(self.model, waiter.item, waiter.exclusive)
+            holders = "; ".join(token.describe() for token in conflicts)
+            outcome = Outcome.of(waiter.pending, 0)
+            if outcome.error is not None:
+                fail(
+                    f"{waiter.describe()} raised {outcome.error_text()} while it must wait, "
+                    f"because {holders}"
+                )
+            # Two holders where one is exclusive, through a blocking request.
+            kind = "an exclusive" if waiter.exclusive else "a shared"
+            fail(
+                f"worker {waiter.worker} took {kind} lock on {waiter.item!r} with a "
+                f"blocking request although {holders} on the same lock file"
+            )
+
+    def _after_release(self, reason: str) -> list[HeldToken]:
+        """Collect the token of every waiter that no held token blocks any more."""
+        granted = []
+        for waiter in list(self.waiters):
+            if conflicts_with(self.model, waiter.item, waiter.exclusive):
+                continue
+            self.waiters.remove(waiter)
+            granted.append(self._collect_grant(waiter, reason))
+        return granted
+
+    def _collect_grant(self, waiter: Waiter, reason: str) -> HeldToken:
+        """Wait for the token that *waiter* must return now, and add it to the model."""
+        outcome = self._wait_for_waiter(waiter, lambda: self._check_stuck_waiter(waiter, reason))
+        if outcome.blocked:
+            fail(
+                f"{waiter.describe()} is still blocked {PROMPT_SECONDS + WAKE_SECONDS:g} s after "
+                f"{reason}, although no token conflicts with it "
+                f"({holders_text(self.model, waiter.item)})"
+            )
+        if outcome.error is not None:
+            fail(
+                f"{waiter.describe()} raised {outcome.error_text()} after {reason}, "
+                f"instead of returning a token"
+            )
+        held_token = HeldToken(waiter.worker, waiter.item, waiter.exclusive, outcome.value)
+        self.model.append(held_token)
+        self.touched.add(waiter.item)
+        return held_token
+
+    def _wait_for_waiter(
+        self, waiter: Waiter, check_stuck: Callable[[], None] | None = None
+    ) -> Outcome:
+        """Wait for a waiter that the model says must return now, and return what it did.
+
+        A waiter still blocked after PROMPT_SECONDS gets *check_stuck*, which
+        may fail at once. Then the probe process is replaced before the rest
+        of the wait: with a broken item_unlock it may keep a lock that blocks
+        the waiter until it ends. Without this, a long wait would be the
+        only result, and shrinking a failure would repeat it many times.
+        """
+        outcome = Outcome.of(waiter.pending, PROMPT_SECONDS)
+        if not outcome.blocked:
+            return outcome
+        if check_stuck is not None:
+            check_stuck()
+        self._restart_prober()
+        return Outcome.of(waiter.pending, WAKE_SECONDS)
+
+    def _check_stuck_waiter(self, waiter: Waiter, reason: str) -> None:
+        """Fail at once if a probe proves that *waiter* cannot get its lock now.
+
+        The probe may find the lock free (the waiter has not taken it yet) or
+        held in the waiter's kind (it has). Any other state means that a
+        token outside the model holds the lock, so waiting longer is futile.
+        """
+        found = self.prober.states(self.root, (waiter.item,))[waiter.item]
+        if found in ("free", "exclusive" if waiter.exclusive else "shared"):
+            return
+        fail(
+            f"{waiter.describe()} is still blocked after {reason}, and the probe finds "
+            f"its lock {found}, although no token conflicts with it "
+            f"({holders_text(self.model, waiter.item)}). The lock may be one that "
+            f"item_unlock did not release, possibly one of the probe's own"
+        )
+
+    # --- deaths -----------------------------------------------------------------
+
+    @precondition(
+        lambda self: self.worker_deaths
+        and self.steps % self.death_spacing == 0
+        and bool(self.model or self.waiters)
+    )
+    @rule(target=held_tokens, worker=worker_ids)
+    def kill_worker(self, worker: int):
+        """SIGKILL the worker and start a new one; its tokens and waiters are gone."""
+        self.steps += 1
+        self._worker(worker).kill()
+        self._restart_worker(worker)
+        self.waiters = [waiter for waiter in self.waiters if waiter.worker != worker]
+        return multiple(*self._after_release(f"worker {worker} was killed"))
+
+    # --- data on the locked items ------------------------------------------------
+
+    @rule(worker=worker_ids, item=st.sampled_from(DATA_ITEMS), value=st.integers(0, 9))
+    def store(self, worker: int, item: Item, value: int):
+        """Store a value; a later lock request must still see the item's holders."""
+        self.steps += 1
+        self._store_worker(worker).store(self.root, item, value)
+        self.values[item.file_name] = value
+
+    @rule(worker=worker_ids, item=st.sampled_from(DATA_ITEMS))
+    def load(self, worker: int, item: Item):
+        self.steps += 1
+        expected = self.values.get(item.file_name, ItemNotFoundError)
+        try:
+            found = self._store_worker(worker).load(self.root, item)
+        except ItemNotFoundError:
+            found = ItemNotFoundError
+        if found != expected:
+            fail(
+                f"worker {worker} loaded {describe_value(found)} from {item!r}, "
+                f"expected {describe_value(expected)}"
+            )
+
+    # --- deletes ----------------------------------------------------------------
+
+    # Deleting a store that holds no value and no lock adds little, and costs
+    # a round trip to every worker.
+    @precondition(lambda self: self.deletes and bool(self.model or self.values))
+    @rule(worker=worker_ids)
+    def delete(self, worker: int):
+        """Delete the store; waiters must wake up to StoreDeletedError."""
+        self.steps += 1
+        self._worker(worker).delete(self.root)
+        self.opened.discard(worker)
+
+        # The deleting worker's tokens were released by the delete. The other
+        # holders' tokens lock files of the deleted store: each drops its
+        # stale store object, which releases them and wakes every waiter.
+        # Each waiter's thread took its store object when it started.
+        self._drop_stale_stores()
+        for waiter in self.waiters:
+            self._expect_store_deleted(waiter)
+        self.waiters = []
+        self.values = {}
+
+    def _expect_store_deleted(self, waiter: Waiter) -> None:
+        outcome = self._wait_for_waiter(waiter)
+        if isinstance(outcome.error, StoreDeletedError):
+            return
+        if outcome.blocked:
+            fail(
+                f"{waiter.describe()} is still blocked {PROMPT_SECONDS + WAKE_SECONDS:g} s "
+                f"after the store was deleted and every token was released"
+            )
+        if outcome.error is not None:
+            fail(
+                f"{waiter.describe()} raised {outcome.error_text()} after the store was "
+                f"deleted, instead of StoreDeletedError"
+            )
+        # The waiter locked a lock file of the deleted store: its holder
+        # shares nothing with the holders of the store created next.
+        fail(
+            f"{waiter.describe()} returned token {outcome.value!r} after the store was "
+            f"deleted, instead of raising StoreDeletedError: the lock it holds is on a "
+            f"deleted lock file, so it excludes nobody"
+        )
+
+
+def describe_value(value: Any) -> str:
+    """Describe a loaded or expected value for messages; ItemNotFoundError means none."""
+    if value is ItemNotFoundError:
+        return "nothing (ItemNotFoundError)"
+    return repr(value)
