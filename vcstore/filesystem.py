@@ -168,7 +168,7 @@ class FilesystemStore(Store):
         except (FileNotFoundError, NotADirectoryError):
             raise self._deleted() from None
         except OSError as error:
-            # A symbolic link now stands where the directory was: it is not our store.
+            # A symbolic link has replaced the directory, so this is not our store.
             if error.errno == errno.ELOOP:
                 raise self._deleted() from None
             raise
@@ -221,9 +221,9 @@ class FilesystemStore(Store):
             st = self._io.fstat(fd)
             _require_regular(st, path, f"the file of {item!r}")
 
-            # Item files are replaced, never rewritten in place, so a read of one
-            # byte more than the size returns the whole file; the loop covers a
-            # file that another program grew meanwhile.
+            # Item files are replaced, never rewritten in place, so one read of the
+            # size plus one byte returns the whole file. The loop covers a file
+            # that another program grew meanwhile.
             chunks = []
             want = st.st_size + 1
             while True:

@@ -46,7 +46,7 @@ def current_thread_key() -> object:
     """Return an object unique to the calling thread for as long as any token refers to it.
 
     Not `threading.get_ident()`: Python reuses an exited thread's ident, and a
-    new thread must not be told it deadlocks on a token that a dead thread took.
+    new thread must not get `DeadlockError` for a token that a dead thread took.
     """
     try:
         return _thread_keys.key

@@ -53,10 +53,10 @@ class WrappedStore:
 
 
 class InPlaceStore(WrappedStore):
-    """store truncates the item file, locks it, then writes, as Kata's original did.
+    """store truncates the item file, then writes it, as Kata's original did.
 
-    os.write raises no audit event, so the crash lands on the flock between
-    the truncation and the write.
+    It takes a flock between the two. os.write raises no audit event, so
+    that flock is the step at which a crash can land between them.
     """
 
     def store(self, item, value):
