@@ -21,7 +21,7 @@ lists them, and were checked with CPython 3.11.
 - ``shutil.copyfile``, ``shutil.move`` and ``shutil.rmtree``.
 
 `os.write`, `os.fsync` and `os.close` raise no audit event, so a crash
-cannot land between two writes or between a write and its fsync: the
+cannot land between two writes or between a write and its fsync. The
 nearest step is the next event, such as the ``os.rename`` that follows
 ``write`` and ``fsync`` in an atomic store. Directory listings
 (``os.listdir``, ``os.scandir``) are left out because they change nothing.
@@ -220,13 +220,13 @@ class CrashSafetyMachine(ItemLockMachine):
       with fewer counted steps finishes and stores the new value. vcstore's
       store makes 3 (open, flock and rename of its temporary file), and 2
       more when it removes a stale temporary file (flock, unlink).
-    - ``max_leftover_files`` (default None): with None, vcstore's rule for
-      the entries of the store directory outside ``layout_entries``: each
-      must be a temporary file ``.<item file>.<random>.tmp``, an item may
+    - ``max_leftover_files`` (default None): None applies vcstore's rule to
+      the entries of the store directory outside ``layout_entries``. Each
+      must be a temporary file ``.<item file>.<random>.tmp``. An item may
       have at most one per crash inside its stores since its last completed
-      store, and none after a completed store. With a number, a bound on
-      how many entries outside ``layout_entries`` the directory may hold,
-      for a backend with other temporary files.
+      store, so none right after a completed store. A number is instead a
+      bound on how many entries outside ``layout_entries`` the directory may
+      contain, for a backend with other temporary files.
     - ``layout_entries``: the names in the store directory that belong to
       its layout (default vcstore's: ``raw``, item files, lock files).
     - ``deletes`` (default True): the ``delete`` rule.

@@ -415,9 +415,10 @@ class LockExclusivityMachine(ItemLockMachine):
         # command. An empty probe opens that object first: otherwise the
         # thread would open the store itself, and a delete in a later step
         # could come first and let the thread create a new store.
-        # NOTE: "before the next command" relies on CPython handing the GIL to
-        # the worker's main thread only once the new thread blocks (or after
-        # its 5 ms switch interval); the worker protocol has no handshake.
+        # NOTE: "before the next command" relies on CPython, which hands the
+        # GIL back to the worker's main thread only once the new thread blocks
+        # or has run for its 5 ms switch interval. The worker protocol has no
+        # handshake that would guarantee it.
         if worker not in self.opened:
             self._store_worker(worker).probe(self.root, ())
         pending = self._worker(worker).submit(
@@ -487,7 +488,7 @@ class LockExclusivityMachine(ItemLockMachine):
     def _wait_for_waiter(
         self, waiter: Waiter, check_stuck: Callable[[], None] | None = None
     ) -> Outcome:
-        """Wait for a waiter that the model says must return now, and return what it did.
+        """Wait for a waiter that the model predicts must return now, and return what it did.
 
         A waiter still blocked after PROMPT_SECONDS gets *check_stuck*, which
         may fail at once. Then the probe process is replaced before the rest
