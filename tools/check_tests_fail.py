@@ -257,7 +257,9 @@ def _run(mutation: Mutation) -> tuple[bool, float, str]:
         lines = result.stdout.strip().splitlines()
         # The first "E" line shows why the test failed, so a crash is not mistaken for a catch.
         reasons = [line[1:].strip()[:70] for line in lines if line.startswith("E ")]
-        summary = (lines[-1] if lines else "") + (f"  [{reasons[0]}]" if reasons else "")
+        summary = lines[-1] if lines else ""
+        if reasons:
+            summary += f"  [{reasons[0]}]"
         return result.returncode != 0, time.monotonic() - started, summary
 
 

@@ -434,9 +434,9 @@ class FilesystemStore(Store):
         # The directory check keeps a link planted in place of the store directory
         # from making us open anything outside it.
         # NOTE: a link swapped in between this check and the open below can still
-        # make the open (never the flock) reach outside; the check in _lock runs
-        # before flock. Opening through a directory descriptor would close that
-        # window at two more system calls per lock.
+        # make the open reach outside. The flock cannot, because _lock checks the
+        # file before flock. Opening through a directory descriptor would close
+        # that window at two more system calls per lock.
         self._check_dir()
         try:
             return self._io.open(lock_path, _LOCK_FLAGS)

@@ -122,8 +122,8 @@ class TokenTable:
     def forget_after_fork(self) -> None:
         """Drop the parent's tokens in a forked child, leaving the parent's locks held.
 
-        Closing the child's copy of a descriptor releases nothing while the
-        parent keeps its own copy of the open file description; an explicit
+        Closing the child's copy of a descriptor releases nothing, because the
+        parent keeps its own copy of the open file description. An explicit
         LOCK_UN here would release the parent's lock.
         """
         # Another thread may have held the mutex at fork time; it never runs here.
