@@ -9,10 +9,17 @@ The state is exact only while nobody else locks or unlocks the item, so use
 it between the steps of a test, not during a race. A probe briefly holds the
 lock itself, so a waiter that is blocked on it may stay blocked a little longer,
 and a backend whose unlock is broken will keep the probe's lock too.
+
+`blocked_waits` reads the kernel's own list instead: on Linux,
+``/proc/locks`` names every process that is blocked in flock(2) or fcntl(2),
+whatever backend made the call.
 """
 
 from __future__ import annotations
 
+import os
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,10 +27,23 @@ import vcstore
 
 from .workers import DEFAULT_CALL_TIMEOUT, WorkerPool, probe_lock_state
 
-__all__ = ["LOCK_STATES", "Prober", "probe", "probe_lock_state"]
+__all__ = [
+    "LOCK_STATES",
+    "Prober",
+    "blocked_waits",
+    "kernel_lists_waiters",
+    "probe",
+    "probe_lock_state",
+    "wait_until_blocked",
+]
 
 # The lock states a probe returns, from least to most restrictive.
 LOCK_STATES = ("free", "shared", "exclusive")
+
+PROC_LOCKS = "/proc/locks"
+
+# Seconds between two reads of PROC_LOCKS while waiting for a waiter to block.
+_POLL_SECONDS = 0.0005
 
 
 class Prober:
@@ -85,3 +105,41 @@ def probe(
     """
     with Prober(store_factory) as prober:
         return prober(target, item)
+
+
+def kernel_lists_waiters() -> bool:
+    """Return True where the kernel lists blocked lock requests (Linux ``/proc/locks``)."""
+    return os.path.exists(PROC_LOCKS)
+
+
+def blocked_waits() -> Counter:
+    """Return how many lock requests each process is blocked in, by process id.
+
+    A blocked request has its own line in ``/proc/locks``, marked ``->``::
+
+        2: -> FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF
+
+    Threads of one process count under the process's id.
+    """
+    waits: Counter = Counter()
+    with open(PROC_LOCKS) as locks:
+        for line in locks:
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "->":
+                waits[int(fields[5])] += 1
+    return waits
+
+
+def wait_until_blocked(pid: int, count: int = 1, timeout: float = 1.0) -> bool:
+    """Wait until process *pid* is blocked in at least *count* lock requests.
+
+    Returns True once ``/proc/locks`` shows them, False after *timeout*
+    seconds. A test uses it to act on a waiter only once it sits in the
+    kernel's queue, not still on its way there.
+    """
+    deadline = time.monotonic() + timeout
+    while blocked_waits()[pid] < count:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_SECONDS)
+    return True

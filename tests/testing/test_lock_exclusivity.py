@@ -4,6 +4,7 @@ import collections
 import fcntl
 import os
 import threading
+import time
 import uuid
 
 import multiprocess
@@ -14,6 +15,7 @@ from hypothesis.stateful import run_state_machine_as_test
 import vcstore
 from vcstore import Item
 from vcstore_testing.machines import LockExclusivityMachine
+from vcstore_testing.probe import blocked_waits, kernel_lists_waiters
 
 # Small, so the file runs in seconds; each broken backend fails within a few steps.
 SHORT_RUN = settings(
@@ -140,8 +142,9 @@ def test_run_leaves_no_worker(tmp_path):
     [
         # The probe after the first lock finds the item free.
         (NoLockStore, "lock states found by the probe differ"),
-        # The probe's own first lock outlives its unlock.
-        (KeptLockStore, "lock states found by the probe differ"),
+        # The probe's own first lock outlives its unlock: the next probe, or
+        # the probe of a waiter that stays blocked, finds it held.
+        (KeptLockStore, "lock states found by the probe differ|the probe finds its lock"),
         # The probe after a shared lock finds it exclusive.
         (SharedAsExclusiveStore, "lock states found by the probe differ"),
         # The first lock request fails although nothing holds the lock.
@@ -332,7 +335,8 @@ def test_missing_identity_recheck_fails(tmp_path):
 
 
 def test_early_blocking_grant_fails(tmp_path):
-    with pytest.raises(AssertionError, match="with a blocking request although"):
+    # A conflicting waiter returns at once, or a granted one holds no lock.
+    with pytest.raises(AssertionError, match="with a blocking request although|probe differ"):
         run_state_machine_as_test(machine_for(EarlyGrantStore, tmp_path), settings=FIND_LATER)
 
 
@@ -379,3 +383,56 @@ def test_real_backend_passes_waiter_checks(tmp_path):
     # The run is long enough to wake waiters both ways.
     assert checked["granted"] > 0
     assert checked["woken by a delete"] > 0
+
+
+# --- waiters in the kernel's queue --------------------------------------------------
+
+
+class PollingStore(WrappedStore):
+    """A blocking item_lock that retries a try-lock, so the kernel never lists it as waiting."""
+
+    def item_lock(self, item, exclusive, timeout=None):
+        if timeout is not None:
+            return self._store.item_lock(item, exclusive=exclusive, timeout=timeout)
+        while True:
+            try:
+                return self._store.item_lock(item, exclusive=exclusive, timeout=0)
+            except vcstore.LockTimeoutError:
+                time.sleep(0.001)
+
+
+needs_proc_locks = pytest.mark.skipif(not kernel_lists_waiters(), reason="needs Linux /proc/locks")
+
+
+class SlowToWaitStore(WrappedStore):
+    """A blocking item_lock that takes a while to reach flock."""
+
+    def item_lock(self, item, exclusive, timeout=None):
+        if timeout is None:
+            time.sleep(0.1)
+        return self._store.item_lock(item, exclusive=exclusive, timeout=timeout)
+
+
+@needs_proc_locks
+def test_waiter_is_in_kernel_queue_after_its_step(tmp_path):
+    # A delete in the next step must find the waiter in flock, not on its way there.
+    machine = machine_for(SlowToWaitStore, tmp_path)()
+    try:
+        holder = machine.item_lock(worker=0, item=Item.STATE, exclusive=True)
+        machine.wait_for_lock(worker=1, holder=holder, exclusive=False)
+
+        assert blocked_waits()[machine.pool[1].pid] == 1
+    finally:
+        machine.teardown()
+
+
+@needs_proc_locks
+def test_polling_backend_fails_with_advice(tmp_path):
+    with pytest.raises(AssertionError, match="set kernel_waits = False"):
+        run_state_machine_as_test(machine_for(PollingStore, tmp_path), settings=FIND_LATER)
+
+
+def test_polling_backend_passes_without_kernel_waits(tmp_path):
+    machine = machine_for(PollingStore, tmp_path, kernel_waits=False)
+
+    run_state_machine_as_test(machine, settings=SHORT_RUN)

@@ -2,12 +2,10 @@
 
 `CAUGHT_BY` is the matrix: for each mutant of `vcstore_testing.mutants`, the
 check that catches it. Other checks may catch a mutant too; the matrix names
-one that must. `ESCAPES` lists the mutants that the fast settings do not
-catch reliably, each with a test that replays the steps that catch it.
+one that must.
 """
 
 import os
-import time
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -54,8 +52,7 @@ CAUGHT_BY = {
     "data_file_lock": "token-bookkeeping",
     # Two shared holders: the first unlock removes the file that the second one locks.
     "unlinked_lock_file": "lock-exclusivity",
-    # A waiter that a delete wakes up returns a token on the removed lock file
-    # (only in a program that deletes while a waiter is pending: see ESCAPES).
+    # A waiter that a delete wakes up returns a token on the removed lock file.
     "no_identity_recheck": "lock-exclusivity",
     # Two workers get the same token.
     "colliding_tokens": "token-bookkeeping",
@@ -66,15 +63,6 @@ CAUGHT_BY = {
     # Threads of one worker break each other's loops over the token table.
     "unguarded_tokens": "stress",
 }
-
-
-# Mutants that no check catches reliably within FAST, with the check that should.
-# LockExclusivityMachine catches no_identity_recheck only when it deletes the
-# store while a waiter is blocked in flock. Its delete rule seldom runs while a
-# waiter is pending, and when it does, the waiter may not have reached flock
-# yet: it then raises StoreDeletedError on open, as it should. So the outcome
-# depends on timing, and the derandomized FAST run misses it.
-ESCAPES = {"no_identity_recheck": "lock-exclusivity"}
 
 
 def machine_class(name):
@@ -102,7 +90,7 @@ def test_mutant_overrides_existing_methods(tmp_path, mutant):
 
 
 @pytest.mark.parametrize(
-    "mutant", sorted(name for name, check in CAUGHT_BY.items() if check != "stress" and name not in ESCAPES)
+    "mutant", sorted(name for name, check in CAUGHT_BY.items() if check != "stress")
 )
 def test_machine_catches_mutant(tmp_path, mutant):
     machine = bound_machine(CAUGHT_BY[mutant], MUTANTS[mutant], tmp_path)
@@ -118,25 +106,11 @@ def test_stress_catches_mutant(tmp_path, mutant):
     assert not result.valid
 
 
-def wait_until_flock_waiter(path, seconds=5.0):
-    """Wait until /proc/locks lists a process blocked in flock on *path*."""
-    inode = os.stat(path).st_ino
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with open("/proc/locks") as locks:
-            # A waiter's line reads "2: -> FLOCK  ADVISORY  WRITE <pid> <dev>:<inode> 0 EOF".
-            if any(" -> FLOCK " in line and f":{inode} " in line for line in locks):
-                return
-        time.sleep(0.01)
-    raise AssertionError(f"no process blocked in flock on {path} within {seconds} s")
-
-
 def delete_while_waiting(machine):
     """Run the steps that tell a lock on a deleted file: hold, wait, delete."""
     holder = machine.item_lock(worker=0, item=Item.STATE, exclusive=True)
+    # The waiter is blocked in flock when wait_for_lock returns.
     machine.wait_for_lock(worker=1, holder=holder, exclusive=True)
-    # The delete must come after the waiter is in flock, not before its open().
-    wait_until_flock_waiter(f"{machine.root}/{Item.STATE.lock_name}")
     machine.waiters_still_blocked()
     machine.delete(worker=0)
 
@@ -162,11 +136,6 @@ def test_delete_while_waiting_real_backend_passes(tmp_path):
         delete_while_waiting(machine)
     finally:
         machine.teardown()
-
-
-def test_escapes_are_in_matrix():
-    for mutant, check in ESCAPES.items():
-        assert CAUGHT_BY[mutant] == check
 
 
 @pytest.mark.parametrize("name", sorted(MACHINES))

@@ -6,7 +6,7 @@ import pytest
 
 import vcstore
 from vcstore import Item
-from vcstore_testing.probe import Prober, probe
+from vcstore_testing.probe import Prober, blocked_waits, kernel_lists_waiters, probe, wait_until_blocked
 from vcstore_testing.workers import WorkerPool
 
 
@@ -127,3 +127,30 @@ def test_prober_follows_changes(pool, prober, store_path):
 
 def test_prober_runs_in_own_process(pool, prober):
     assert prober.pid not in [worker.pid for worker in pool]
+
+
+# --- waiters that the kernel lists ------------------------------------------------------
+
+needs_proc_locks = pytest.mark.skipif(not kernel_lists_waiters(), reason="needs Linux /proc/locks")
+
+
+@needs_proc_locks
+def test_blocked_waits_lists_flock_waiter(pool, store_path):
+    token = pool[0].item_lock(store_path, Item.STATE, True)
+    waiter = pool[1].submit("item_lock", store_path, Item.STATE, True)
+
+    assert wait_until_blocked(pool[1].pid)
+    pool[0].item_unlock(store_path, Item.STATE, token)
+    waiter.result(5)
+
+
+@needs_proc_locks
+def test_blocked_waits_omits_holder(pool, store_path):
+    pool[0].item_lock(store_path, Item.STATE, True)
+
+    assert blocked_waits()[pool[0].pid] == 0
+
+
+@needs_proc_locks
+def test_wait_until_blocked_gives_up(pool, store_path):
+    assert not wait_until_blocked(pool[0].pid, timeout=0.05)

@@ -22,11 +22,15 @@ with the model. Mixed in with the try-locks:
   death) or raise `vcstore.StoreDeletedError` (after a delete);
 - stores and loads of the locked items: a store replaces the item's data
   file, which must not change who holds the item's lock;
-- deletes: a worker deletes the store while others hold tokens and wait.
-  Every other worker then drops its stale store object (by deleting the
-  store again, which releases the object's tokens and removes nothing), so
-  its next command opens a new store, and every waiter must wake up to
-  `vcstore.StoreDeletedError`.
+- deletes: a worker deletes the store while others hold tokens and wait
+  (one rule deletes only while a waiter waits, since that is where a
+  missing check after flock shows). Every other worker then drops its stale
+  store object (by deleting the store again, which releases the object's
+  tokens and removes nothing), so its next command opens a new store, and
+  every waiter must wake up to `vcstore.StoreDeletedError`.
+
+On Linux a new waiter is left to block in the kernel (``/proc/locks`` lists
+it) before the next step, so a delete never overtakes it on its way to flock.
 
 A downstream project checks its own backend by subclassing::
 
@@ -40,6 +44,7 @@ A downstream project checks its own backend by subclassing::
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -49,7 +54,7 @@ from hypothesis.stateful import Bundle, consumes, invariant, multiple, precondit
 
 from vcstore import Item, ItemNotFoundError, LockTimeoutError, StoreDeletedError
 
-from ..probe import LOCK_STATES, Prober
+from ..probe import LOCK_STATES, Prober, blocked_waits, kernel_lists_waiters
 from ..workers import Pending, Worker, WorkerPool
 from .base import StoreMachine
 
@@ -71,9 +76,15 @@ WAKE_SECONDS = 5.0
 # that a broken backend usually fails without the whole WAKE_SECONDS wait.
 PROMPT_SECONDS = 0.5
 
-# Seconds that a new waiter gets to return early before the step ends. It is
-# not a bound that a correct backend must meet: it only makes a broken one
-# fail at the same step on every run, which hypothesis needs to shrink it.
+# Bound, in seconds, on the wait for a new waiter to block in the kernel.
+# Only a backend that waits by polling (then set kernel_waits to False) or a
+# stalled machine reaches it.
+BLOCK_SECONDS = 2.0
+
+# Seconds that a new waiter gets to return early before the step ends, where
+# the kernel does not list waiters. It is not a bound that a correct backend
+# must meet: it only makes a broken one fail at the same step on most runs,
+# which hypothesis needs to shrink it.
 EARLY_REPLY_SECONDS = 0.01
 
 # The items that can store data. Item.LOCK has none and is only locked.
@@ -368,6 +379,12 @@ class LockExclusivityMachine(ItemLockMachine):
       passes to ``item_lock``; None blocks without a bound. A number must be
       far longer than a test case (say 30.0), because a waiter that times out
       is reported as a failure.
+    - ``kernel_waits`` (default True where ``/proc/locks`` exists): the
+      backend's requests without a timeout wait in flock(2) or fcntl(2), so
+      the kernel lists them. Each new waiter then gets to block there before
+      the next step, and a delete always finds it waiting. Set it to False
+      for a backend that waits by polling. With a ``waiter_timeout`` it does
+      not apply, since a wait with a timeout may poll.
     - ``deletes`` (default True): the ``delete`` rule. Set it to False for a
       backend that cannot delete a store.
     - ``death_spacing`` (default 3): ``kill_worker`` runs only on steps whose
@@ -381,6 +398,7 @@ class LockExclusivityMachine(ItemLockMachine):
 
     pending_waiters: bool = True
     waiter_timeout: float | None = None
+    kernel_waits: bool = kernel_lists_waiters()
     deletes: bool = True
     death_spacing: int = 3
 
@@ -428,13 +446,35 @@ class LockExclusivityMachine(ItemLockMachine):
         self.touched.add(item)
 
         if conflicts:
-            # A request that returns without waiting replies within a few
-            # milliseconds, so the invariant finds it in this step, and a
-            # broken backend fails at the same step each time it runs.
-            waiter.pending.wait(EARLY_REPLY_SECONDS)
+            self._settle(waiter)
             self.waiters.append(waiter)
             return multiple()
         return self._collect_grant(waiter, "it was submitted while no token conflicts with it")
+
+    def _settle(self, waiter: Waiter) -> None:
+        """Wait until the new *waiter* has returned or sits blocked in the kernel.
+
+        A delete that comes while a waiter is still on its way to flock
+        finds no waiter to wake, so the check would depend on timing.
+        """
+        # A request that returns without waiting replies within a few
+        # milliseconds, so the invariant finds it in this step.
+        if not self.kernel_waits or self.waiter_timeout is not None:
+            waiter.pending.wait(EARLY_REPLY_SECONDS)
+            return
+
+        pid = self._worker(waiter.worker).pid
+        count = 1 + sum(1 for other in self.waiters if other.worker == waiter.worker)
+        deadline = time.monotonic() + BLOCK_SECONDS
+        while not waiter.pending.wait(0.0005):
+            if blocked_waits()[pid] >= count:
+                return
+            if time.monotonic() >= deadline:
+                fail(
+                    f"{waiter.describe()} neither returned nor blocked in the kernel "
+                    f"within {BLOCK_SECONDS:g} s. If the backend waits by polling, set "
+                    f"kernel_waits = False on the machine"
+                )
 
     @invariant()
     def waiters_still_blocked(self) -> None:
@@ -581,6 +621,14 @@ class LockExclusivityMachine(ItemLockMachine):
             self._expect_store_deleted(waiter)
         self.waiters = []
         self.values = {}
+
+    # The bug it hunts: a waiter that the delete wakes up takes the lock of
+    # the removed file. A plain delete seldom comes while a waiter waits.
+    @precondition(lambda self: self.deletes and bool(self.waiters))
+    @rule(worker=worker_ids)
+    def delete_while_waiting(self, worker: int):
+        """Delete the store while a blocking request waits in the kernel."""
+        self.delete(worker)
 
     def _expect_store_deleted(self, waiter: Waiter) -> None:
         outcome = self._wait_for_waiter(waiter)
