@@ -763,7 +763,7 @@ def _pack_exception(error: BaseException) -> bytes:
     tb = error.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
-    text = "".join(traceback.format_exception(type(error), error, tb))
+    text = _format_traceback(error, tb)
     try:
         payload = _dumps((error, text))
         _loads(payload)
@@ -773,3 +773,43 @@ def _pack_exception(error: BaseException) -> bytes:
         payload = _dumps((substitute, text))
     return payload
 
+
+
+def _format_traceback(error: BaseException, tb: Any) -> str:
+    """Format *error*, its traceback *tb* and its chain as the interpreter prints them.
+
+    On Python 3.11, `traceback.format_exception` parses each source line to
+    place its ``^^^`` markers, which more than doubles the cost of every
+    error that a worker sends back, expected ones such as
+    `vcstore.LockTimeoutError` included. This leaves the markers out.
+    """
+    chain = []
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if error.__cause__ is not None:
+            link, following = error.__cause__, _CAUSE_LINE
+        elif error.__context__ is not None and not error.__suppress_context__:
+            link, following = error.__context__, _CONTEXT_LINE
+        else:
+            link, following = None, ""
+        chain.append((error, tb, following))
+        error = link
+        tb = None if link is None else link.__traceback__
+
+    lines = []
+    for error, tb, following in reversed(chain):
+        if following:
+            lines.append(following)
+        if tb is not None:
+            lines.append("Traceback (most recent call last):\n")
+            for frame in traceback.extract_tb(tb):
+                lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
+                if frame.line:
+                    lines.append(f"    {frame.line.strip()}\n")
+        lines.extend(traceback.format_exception_only(type(error), error))
+    return "".join(lines)
+
+
+_CAUSE_LINE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT_LINE = "\nDuring handling of the above exception, another exception occurred:\n\n"

@@ -178,6 +178,22 @@ def test_json_values_reach_max_depth():
     assert depth(found) == MAX_DEPTH
 
 
+def test_json_values_mix_containers():
+    quick = settings(database=None, max_examples=2000, phases=[Phase.generate])
+
+    def mixed(v):
+        # A dict in a list in a dict, each with two or more members.
+        return any(
+            isinstance(x, dict) and len(x) > 1 and any(
+                isinstance(y, list) and len(y) > 1 and any(isinstance(z, dict) and len(z) > 1 for z in y)
+                for y in x.values()
+            )
+            for x in parts(v)
+        )
+
+    assert mixed(find(json_values(), mixed, settings=quick))
+
+
 @settings(max_examples=200, database=None, deadline=None)
 @given(json_values())
 def test_json_values_survive_strict_json(value):

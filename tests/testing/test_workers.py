@@ -266,6 +266,24 @@ def test_error_carries_worker_traceback(pool, store_path):
     assert "in load" in text
 
 
+def raise_chained():
+    try:
+        {}["missing key"]
+    except KeyError as error:
+        raise RuntimeError("lookup failed") from error
+
+
+def test_error_traceback_shows_chain(pool):
+    with pytest.raises(RuntimeError) as caught:
+        pool[0].run(raise_chained)
+
+    text = caught.value.worker_traceback
+    assert "KeyError: 'missing key'" in text
+    assert "direct cause of the following exception" in text
+    assert '{}["missing key"]' in text
+    assert text.rstrip().endswith("RuntimeError: lookup failed")
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="add_note is new in 3.11")
 def test_error_traceback_is_note(pool, store_path):
     with pytest.raises(vcstore.ItemNotFoundError) as caught:

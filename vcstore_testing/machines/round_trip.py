@@ -104,28 +104,35 @@ def nest(leaf: Any, depth: int) -> Any:
     return value
 
 
-def json_values(max_leaves: int = 30) -> st.SearchStrategy:
+def json_values(max_leaves: int = 27) -> st.SearchStrategy:
     """Return a strategy for JSON values of every kind.
 
     The values are those that strict JSON can represent and Python can
     encode. Scalars are None, bools, ints of up to `MAX_INT_DIGITS` digits,
     finite floats (``-0.0`` included) and text with any character except a
     lone surrogate. Containers are lists and dicts with str keys, empty ones
-    included, with up to `MAX_DEPTH` containers around the innermost value.
-    *max_leaves* bounds the scalars in one value, except in the deeply
-    nested values, which have one.
+    included, mixed up to three levels deep, or wrapped up to `MAX_DEPTH`
+    deep around one scalar. *max_leaves* bounds the scalars in one value.
     """
     leaves = json_leaves()
-    trees = st.recursive(
-        leaves,
-        lambda children: st.one_of(
-            st.lists(children, max_size=6),
-            st.dictionaries(st.text(max_size=12), children, max_size=6),
-        ),
-        max_leaves=max_leaves,
-    )
+
+    # Three fixed levels, rather than st.recursive, which costs hypothesis
+    # about five times as much per value drawn.
+    width = max(1, round(max_leaves ** (1 / 3)))
+    while width**3 > max_leaves and width > 1:
+        width -= 1
+    values = leaves
+    for _ in range(3):
+        values = st.one_of(
+            leaves,
+            st.lists(values, max_size=width),
+            st.dictionaries(st.text(max_size=12), values, max_size=width),
+        )
     deep = st.builds(nest, leaves, st.integers(min_value=1, max_value=MAX_DEPTH))
-    return st.one_of(trees, deep)
+
+    # The repr of the nested strategy repeats the leaves' 15 times (over 50
+    # kB), and hypothesis warns when it builds it. A deferred one is short.
+    return st.deferred(lambda: st.one_of(values, deep))
 
 
 def large_value(marker: int, size: int) -> dict:
@@ -164,10 +171,17 @@ class RoundTripMachine(DeletableStoreMachine):
 
     - ``worker_deaths`` (default True): the ``kill_worker`` rule.
     - ``large_values`` (default True): values of ``large_value_size`` bytes
-      (default 1 MiB) in ``store_during_loads``, otherwise 16 KiB. With
+      (default 256 KiB) in ``store_during_loads``, otherwise 16 KiB. With
       ``concurrent_readers`` off, the ``store_large`` rule stores them.
     - ``concurrent_readers`` (default True): the ``store_during_loads`` rule.
     - ``deletes`` (default True): the ``delete`` rule.
+
+    ``death_spacing`` (default 3) lets ``kill_worker`` run only on steps
+    whose number is a multiple of it, because each death starts a new
+    worker process. ``large_value_size`` can go up (1 MiB, say) for a
+    backend whose writes might tear only beyond some size. Any in-place
+    write, whatever its size, leaves a window in which a load can read a
+    partial file.
 
     Large values are built, stored and compared inside the workers, which
     call ``store_factory`` again for the root to get the store, and so does
@@ -181,7 +195,8 @@ class RoundTripMachine(DeletableStoreMachine):
     large_values: bool = True
     concurrent_readers: bool = True
     deletes: bool = True
-    large_value_size: int = 1 << 20
+    large_value_size: int = 256 * 1024
+    death_spacing: int = 3
 
     def __init__(self) -> None:
         super().__init__()
@@ -373,7 +388,11 @@ class RoundTripMachine(DeletableStoreMachine):
         self.locks.clear()
         self._open_next_generation()
 
-    @precondition(lambda self: self.worker_deaths and bool(self.locks.held))
+    @precondition(
+        lambda self: self.worker_deaths
+        and self.steps % self.death_spacing == 0
+        and bool(self.locks.held)
+    )
     @rule(worker=worker_ids)
     def kill_worker(self, worker: int):
         """SIGKILL the worker and start a new one. Stored values stay."""

@@ -240,6 +240,10 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
       whose tokens are not one descriptor each.
     - ``deletes`` (default True): the ``delete`` rule, which runs only while
       the deleting worker, and no other, holds tokens.
+
+    ``death_spacing`` (default 3) lets ``kill_worker`` and
+    ``fork_child_unlock`` run only on steps whose number is a multiple of
+    it, because each starts a new process.
     """
 
     worker_ids = DeletableStoreMachine.worker_ids
@@ -249,6 +253,7 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
     fork_checks: bool = True
     descriptor_checks: bool = True
     deletes: bool = True
+    death_spacing: int = 3
 
     def __init__(self) -> None:
         super().__init__()
@@ -368,7 +373,7 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
 
     # --- fork, death, store, delete --------------------------------------------
 
-    @precondition(lambda self: self.fork_checks)
+    @precondition(lambda self: self.fork_checks and self.steps % self.death_spacing == 0)
     @rule(token=held_tokens)
     def fork_child_unlock(self, token: ModelToken):
         """Fork the token's worker, whose child must fail to unlock the token."""
@@ -385,7 +390,11 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
                 f"{outcome}"
             )
 
-    @precondition(lambda self: self.worker_deaths and bool(self.model.held))
+    @precondition(
+        lambda self: self.worker_deaths
+        and self.steps % self.death_spacing == 0
+        and bool(self.model.held)
+    )
     @rule(worker=worker_ids)
     def kill_worker(self, worker: int):
         """SIGKILL the worker and start a new one. The kernel drops its locks."""
