@@ -259,7 +259,7 @@ def _verify(args: argparse.Namespace) -> int:
         cleanup()
 
     passed = all(result.passed is not False for result in results)
-    _print_report(shown_target, filesystem, results, passed, args.shrink_seconds)
+    _print_report(shown_target, filesystem, results, passed, args.shrink_seconds, args.factory)
     if args.json is not None:
         _write_json(args.json, str(target), filesystem, results, passed)
     return 0 if passed else 1
@@ -463,10 +463,13 @@ class _Tally:
             self.show()
 
     def show(self, final: bool = False) -> None:
-        text = (
-            f"{self.name}: {self.test_cases} of {self.examples} examples, "
-            f"{self.steps} steps, {time.monotonic() - self.start:.1f} s"
-        )
+        if self.test_cases <= self.examples:
+            count = f"{self.test_cases} of {self.examples} examples"
+        else:
+            # Past max_examples, hypothesis runs test cases only to shrink a failure.
+            count = f"{self.test_cases} examples (shrinking a failure)"
+        text = f"{count}, {self.steps} steps, {time.monotonic() - self.start:.1f} s"
+        text = f"{self.name}: {text}"
         if self.tty:
             print("\r" + text + ("\n" if final else ""), end="", file=sys.stderr, flush=True)
         else:
@@ -638,14 +641,24 @@ def _failing_steps(reported: list[str], error: BaseException) -> str:
 # Output
 
 
+def _factory_expression(factory: str | None) -> str:
+    """Return Python code for the factory that ``--factory MODULE:CALLABLE`` names."""
+    if factory is None:
+        return "vcstore.open"
+    module, _, name = factory.partition(":")
+    return f"{module}.{name}"
+
+
 def _print_report(
     target: Any,
     filesystem: str,
     results: list[PropertyResult],
     passed: bool,
     shrink_seconds: float,
+    factory: str | None = None,
 ) -> None:
     print(f"target: {target}, file system: {filesystem}")
+    print(f"backend: {factory or 'vcstore.open'}")
     print()
 
     header = ("property", "examples", "steps", "seconds", "result")
@@ -684,6 +697,13 @@ def _print_report(
                 print("Shortest failing steps found by hypothesis:")
             for line in result.counterexample.splitlines():
                 print("    " + line)
+            if result.name != STRESS:
+                print(
+                    f"To replay it, subclass vcstore_testing.machines."
+                    f"{PROPERTY_MACHINES[result.name]} with store_factory = "
+                    f"{_factory_expression(factory)}, name the subclass "
+                    f"{PROPERTY_MACHINES[result.name]}, and run the steps."
+                )
 
     available = [result for result in results if result.passed is not None]
     print()

@@ -153,6 +153,10 @@ def test_verify_runs_every_property(passing, name):
     assert row(passing.finished.stdout, name)[4] == "passed"
 
 
+def test_verify_names_default_backend(passing):
+    assert "backend: vcstore.open" in passing.finished.stdout
+
+
 def test_verify_names_target(passing):
     assert f"target: {passing.target}, file system: " in passing.finished.stdout
 
@@ -304,6 +308,17 @@ def test_broken_factory_prints_steps(broken):
     assert "Shortest failing steps found by hypothesis" in broken.finished.stdout
     assert "state = LockExclusivityMachine()" in broken.finished.stdout
     assert "state.item_lock(" in broken.finished.stdout
+
+
+def test_broken_factory_names_backend(broken):
+    assert "backend: broken_backend:KeptLockStore" in broken.finished.stdout
+
+
+def test_broken_factory_says_how_to_replay(broken):
+    assert (
+        "subclass vcstore_testing.machines.LockExclusivityMachine with "
+        "store_factory = broken_backend.KeptLockStore"
+    ) in broken.finished.stdout
 
 
 def test_broken_factory_json(broken):

@@ -13,6 +13,7 @@ from hypothesis.stateful import run_state_machine_as_test
 import vcstore
 from vcstore import Item, LockTimeoutError, UnknownTokenError
 from vcstore_testing.machines import TokenBookkeepingMachine
+from vcstore_testing.mutants import MUTANTS
 
 # Small, so the file runs in seconds.
 SHORT_RUN = settings(
@@ -263,3 +264,14 @@ def test_failure_prints_readable_steps(tmp_path):
     assert "= state.item_lock(" in steps
     assert "worker=worker_" in steps
     assert "state.fork_child_unlock(token=token_" in steps
+
+
+def test_failures_reported_as_one(tmp_path):
+    # A backend without locks breaks several checks. Each would be its own
+    # "distinct failure", reported as an ExceptionGroup of long programs,
+    # unless every check fails through the same line.
+    machine = machine_for(MUTANTS["no_lock"], tmp_path)
+    shrinking = settings(SHORT_RUN, max_examples=30, phases=[Phase.explicit, Phase.generate, Phase.shrink])
+
+    with pytest.raises(AssertionError):
+        run_state_machine_as_test(machine, settings=shrinking)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, multiple
 
@@ -13,7 +13,18 @@ import vcstore
 from ..probe import Prober
 from ..workers import Worker, WorkerPool
 
-__all__ = ["StoreMachine"]
+__all__ = ["StoreMachine", "fail"]
+
+
+def fail(message: str) -> NoReturn:
+    """Raise the AssertionError that reports a broken expectation.
+
+    Every check of the machines fails through this one line, outside any
+    ``except`` block. Hypothesis then treats all of them as one failure and
+    reports its shortest program. Otherwise it would shrink each check's
+    failure on its own and report an ExceptionGroup of "distinct failures".
+    """
+    raise AssertionError(message)
 
 
 class StoreMachine(RuleBasedStateMachine):

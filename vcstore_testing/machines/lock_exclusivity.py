@@ -47,7 +47,7 @@ import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, consumes, invariant, multiple, precondition, rule
@@ -56,7 +56,7 @@ from vcstore import Item, ItemNotFoundError, LockTimeoutError, StoreDeletedError
 
 from ..probe import LOCK_STATES, Prober, blocked_waits, kernel_lists_waiters
 from ..workers import Pending, Worker, WorkerPool
-from .base import StoreMachine
+from .base import StoreMachine, fail
 
 __all__ = [
     "HeldToken",
@@ -103,7 +103,7 @@ class HeldToken:
 
     def describe(self) -> str:
         kind = "an exclusive" if self.exclusive else "a shared"
-        return f"worker {self.worker} holds {kind} token on {self.item!r}"
+        return f"worker {self.worker} holds {kind} token {self.backend_token!r} on {self.item!r}"
 
 
 @dataclass(eq=False)
@@ -140,17 +140,6 @@ class Outcome:
 
     def error_text(self) -> str:
         return f"{type(self.error).__name__} ({self.error})"
-
-
-def fail(message: str) -> NoReturn:
-    """Raise the AssertionError that reports a broken expectation.
-
-    Every check of the machines fails through this one line, outside any
-    ``except`` block, so hypothesis treats all of them as one failure and
-    reports its shortest program, instead of shrinking and reporting one
-    failure per check.
-    """
-    raise AssertionError(message)
 
 
 class ReopeningStore:

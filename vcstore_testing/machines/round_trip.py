@@ -44,7 +44,8 @@ from hypothesis.stateful import Bundle, consumes, invariant, multiple, precondit
 from vcstore import Item, ItemNotFoundError, LockTimeoutError
 
 from ..workers import Pending
-from .token_bookkeeping import DATA_ITEMS, DeletableStoreMachine, LockModel, ModelToken
+from .base import fail
+from .token_bookkeeping import DATA_ITEMS, DeletableStoreMachine, LockModel, ModelToken, article
 
 __all__ = ["RoundTripMachine", "json_leaves", "json_values", "large_value", "same_json"]
 
@@ -256,7 +257,7 @@ class RoundTripMachine(DeletableStoreMachine):
                 check_load, type(self).store_factory, self.root, item, self._description(item)
             )
             if problem is not None:
-                raise AssertionError(
+                fail(
                     f"worker {worker} loaded {item!r} and got {problem}: expected "
                     f"{_preview(self.model[item.file_name])}, the value stored last"
                 )
@@ -266,20 +267,23 @@ class RoundTripMachine(DeletableStoreMachine):
         try:
             value = self._worker(worker).load(self.target, item)
         except ItemNotFoundError as error:
+            value = _MISSING
+            not_found = str(error)
+        if value is _MISSING:
             if expected is _MISSING:
                 return
-            raise AssertionError(
+            fail(
                 f"worker {worker} found no value for {item!r}, expected "
-                f"{_preview(expected)}: {error}"
-            ) from error
+                f"{_preview(expected)}: {not_found}"
+            )
 
         if expected is _MISSING:
-            raise AssertionError(
+            fail(
                 f"worker {worker} loaded {_preview(value)} from {item!r}, which was "
                 f"never stored (or was deleted): expected ItemNotFoundError"
             )
         if not same_json(value, expected):
-            raise AssertionError(
+            fail(
                 f"worker {worker} loaded {_preview(value)} from {item!r}, expected "
                 f"{_preview(expected)}, the value stored last"
             )
@@ -334,7 +338,7 @@ class RoundTripMachine(DeletableStoreMachine):
         # Either value is fine. Anything else is a partial or torn file.
         for reader, outcome in outcomes.items():
             if outcome["bad"] is not None:
-                raise AssertionError(
+                fail(
                     f"worker {reader} loaded {item!r} while worker {writer} stored a "
                     f"{size}-byte value, and after {outcome['old']} loads of the old "
                     f"value and {outcome['new']} of the new one it got {outcome['bad']}"
@@ -350,16 +354,19 @@ class RoundTripMachine(DeletableStoreMachine):
         try:
             value = self._worker(worker).item_lock(self.target, item, exclusive, timeout=0)
         except LockTimeoutError:
+            value = LockTimeoutError
+        if value is LockTimeoutError:
             if not conflicts:
-                raise AssertionError(
-                    f"worker {worker} could not take a {kind} lock on {item!r} with "
+                fail(
+                    f"worker {worker} could not take {article(kind)} lock on {item!r} with "
                     f"timeout=0, but no token conflicts with it ({self.locks.holders_text(item)})"
-                ) from None
+                )
             return multiple()
         if conflicts:
-            raise AssertionError(
-                f"worker {worker} took a {kind} lock on {item!r} although "
-                + "; ".join(conflict.describe() for conflict in conflicts)
+            fail(
+                f"worker {worker} took {article(kind)} lock on {item!r} although "
+                + "; ".join(conflict.describe_holder() for conflict in conflicts)
+                + " on the same lock file"
             )
         token = ModelToken(worker, item, exclusive, value)
         self.locks.add(token)
@@ -412,7 +419,7 @@ class RoundTripMachine(DeletableStoreMachine):
                 check_load, type(self).store_factory, self.root, item, self._description(item)
             )
             if problem is not None:
-                raise AssertionError(
+                fail(
                     f"worker {reader} loaded {item!r} right after worker {writer} stored "
                     f"{_preview(self.model[item.file_name])} in it, and got {problem}: "
                     f"expected the value stored last"
@@ -430,7 +437,7 @@ class RoundTripMachine(DeletableStoreMachine):
         deadline = time.monotonic() + self.pool.call_timeout
         while not os.path.exists(ready_path) and not loads.done():
             if time.monotonic() > deadline:
-                raise AssertionError(
+                fail(
                     f"worker {reader} did not start loading within "
                     f"{self.pool.call_timeout:g} s"
                 )

@@ -57,7 +57,7 @@ from vcstore import Item, LockTimeoutError, UnknownTokenError
 
 from ..probe import LOCK_STATES
 from ..workers import Worker, WorkerError
-from .base import StoreMachine
+from .base import StoreMachine, fail
 
 __all__ = [
     "DeletableStoreMachine",
@@ -94,6 +94,16 @@ class ModelToken:
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
         return f"worker {self.worker}'s {kind} token {self.value!r} for {self.item!r}"
+
+    def describe_holder(self) -> str:
+        """Describe the token as a clause: ``worker 1 holds ...``."""
+        kind = "exclusive" if self.exclusive else "shared"
+        return f"worker {self.worker} holds {article(kind)} token {self.value!r} for {self.item!r}"
+
+
+def article(kind: str) -> str:
+    """Return "an exclusive" or "a shared"."""
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 class LockModel:
@@ -204,11 +214,14 @@ class DeletableStoreMachine(StoreMachine):
     def _open_next_generation(self) -> None:
         try:
             os.mkdir(self.root, 0o700)
+            created = True
         except FileExistsError:
-            raise AssertionError(
+            created = False
+        if not created:
+            fail(
                 f"the store directory {self.root} still exists after delete(), "
                 f"which must remove the store's directory tree"
-            ) from None
+            )
         self.target = StoreGeneration(self.root, self.target.number + 1)
 
     def _restart_worker(self, index: int) -> None:
@@ -280,17 +293,19 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
         try:
             value = self._acting_worker(worker).item_lock(self.target, item, exclusive, timeout=0)
         except LockTimeoutError:
+            value = LockTimeoutError
+        if value is LockTimeoutError:
             if not conflicts:
-                raise AssertionError(
-                    f"worker {worker} could not take a {kind} lock on {item!r} with "
+                fail(
+                    f"worker {worker} could not take {article(kind)} lock on {item!r} with "
                     f"timeout=0, but no token conflicts with it ({self.model.holders_text(item)})"
-                ) from None
+                )
             return multiple()
 
         if conflicts:
-            raise AssertionError(
-                f"worker {worker} took a {kind} lock on {item!r} although "
-                + "; ".join(conflict.describe() for conflict in conflicts)
+            fail(
+                f"worker {worker} took {article(kind)} lock on {item!r} although "
+                + "; ".join(conflict.describe_holder() for conflict in conflicts)
                 + " on the same lock file"
             )
         token = ModelToken(worker, item, exclusive, value)
@@ -310,10 +325,11 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
         self.touched_workers.add(token.worker)
         try:
             self._acting_worker(token.worker).item_unlock(self.target, token.item, token.value)
+            rejection = None
         except UnknownTokenError as error:
-            raise AssertionError(
-                f"worker {token.worker} could not unlock its held {token.describe()}: {error}"
-            ) from error
+            rejection = str(error)
+        if rejection is not None:
+            fail(f"worker {token.worker} could not unlock its held {token.describe()}: {rejection}")
         self.model.remove(token)
         return token
 
@@ -384,7 +400,7 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
             unlock_in_forked_child, type(self).store_factory, self.root, token.item, token.value
         )
         if outcome != CHILD_REJECTED:
-            raise AssertionError(
+            fail(
                 f"a child forked by worker {token.worker} called item_unlock with a token "
                 f"of its parent ({token.describe()}): expected UnknownTokenError, but it "
                 f"{outcome}"
@@ -461,7 +477,7 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
                 ". A lock held beyond the model may be one that item_unlock did "
                 "not release, possibly one of the probe's own"
             )
-        raise AssertionError(message)
+        fail(message)
 
     def _check_descriptors(self, worker: int) -> None:
         baseline = self.baselines.get(worker)
@@ -471,7 +487,7 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
         expected = baseline + len(held)
         found = count_descriptors(self.pool[worker].pid)
         if found != expected:
-            raise AssertionError(
+            fail(
                 f"worker {worker} has {found} open file descriptors, expected {expected}: "
                 f"{baseline} after it first opened the store, plus one for each of its "
                 f"{len(held)} held tokens"
@@ -505,7 +521,7 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
             key = ("unhashable", repr(key))
         first = self.issued.get(key)
         if first is not None:
-            raise AssertionError(
+            fail(
                 f"worker {token.worker} got token {token.value!r} for {token.item!r}, "
                 f"which item_lock returned before, to {first}"
             )
@@ -518,17 +534,15 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
         worker_process = self._acting_worker(worker)
         try:
             worker_process.item_unlock(self.target, item, value)
+            outcome = " without an error"
         except UnknownTokenError:
             return
         except WorkerError:
             raise
         except Exception as error:
-            raise AssertionError(
-                f"worker {worker} unlocked {item!r} with {what}, which raised {error!r}: "
-                f"expected UnknownTokenError"
-            ) from error
-        raise AssertionError(
-            f"worker {worker} unlocked {item!r} with {what} without an error: "
+            outcome = f", which raised {error!r}"
+        fail(
+            f"worker {worker} unlocked {item!r} with {what}{outcome}: "
             f"expected UnknownTokenError"
         )
 
