@@ -590,7 +590,7 @@ _SLOW_SHRINK_WARNING = "WARNING: Hypothesis has spent more than"
 @contextlib.contextmanager
 def _shrinking_bounded(seconds: float):
     """Bound the time hypothesis spends shrinking a failure, for the ``with`` block."""
-    # Hypothesis documents this module constant as the one to patch for another bound.
+    # Hypothesis's source marks this module constant as monkeypatchable for another bound.
     from hypothesis.internal.conjecture import engine
 
     saved = engine.MAX_SHRINKING_SECONDS

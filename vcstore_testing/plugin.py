@@ -9,7 +9,8 @@ and ``vcstore_store_factory``, which a downstream ``conftest.py`` overrides to
 run the others against its own backend.
 
 Options, in the group "vcstore": ``--vcstore-workers``,
-``--vcstore-start-method`` and ``--vcstore-profile``. Each has an ini twin
+``--vcstore-start-method``, ``--vcstore-profile`` and
+``--vcstore-shrink-seconds``. Each has an ini twin
 (``vcstore_workers``...) and an environment variable (``VCSTORE_WORKERS``...).
 The command line wins over the ini file, the ini file over the environment,
 and the environment over the default. An empty value counts as unset.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import multiprocessing
 import os
 import urllib.parse
@@ -52,6 +54,7 @@ pytest.register_assert_rewrite(
 
 from hypothesis import HealthCheck, settings  # noqa: E402 (after the rewrite hook)
 from hypothesis.errors import InvalidArgument  # noqa: E402
+from hypothesis.internal.conjecture import engine  # noqa: E402
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -138,10 +141,14 @@ class VcstoreOptions:
     profile_source: str
     # The profile that hypothesis's --hypothesis-profile selects, which wins.
     hypothesis_profile: str | None = None
+    # None leaves hypothesis's own bound.
+    shrink_seconds: float | None = None
+    shrink_seconds_source: str = "default"
 
 
 _OPTIONS_KEY = pytest.StashKey[VcstoreOptions]()
 _PREVIOUS_PROFILE_KEY = pytest.StashKey[str]()
+_PREVIOUS_SHRINK_KEY = pytest.StashKey[float]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -166,6 +173,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ),
     )
     group.addoption(
+        "--vcstore-shrink-seconds",
+        metavar="SECONDS",
+        default=None,
+        help=(
+            "bound on the seconds hypothesis spends shrinking each failure, for every "
+            "hypothesis test of the run (default: hypothesis's own, 300; ini "
+            "vcstore_shrink_seconds; environment VCSTORE_SHRINK_SECONDS)"
+        ),
+    )
+    group.addoption(
         "--vcstore-profile",
         metavar="NAME",
         default=None,
@@ -183,6 +200,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "vcstore_start_method",
         f"how worker processes start: {', '.join(START_METHODS)} (default {DEFAULT_START_METHOD})",
+        default=None,
+    )
+    parser.addini(
+        "vcstore_shrink_seconds",
+        "bound on the seconds hypothesis spends shrinking each failure",
         default=None,
     )
     parser.addini(
@@ -238,6 +260,20 @@ def _parse_start_method(text: str, source: str) -> str:
     return text
 
 
+def _parse_shrink_seconds(text: str, source: str) -> float | None:
+    if text == "":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise pytest.UsageError(
+            f"invalid {source} value {text!r}: expected a number of seconds > 0"
+        )
+    return seconds
+
+
 def _check_profile(name: str, source: str) -> str:
     try:
         settings.get_profile(name)
@@ -254,6 +290,7 @@ def _read_options(config: pytest.Config) -> VcstoreOptions:
     workers_text, workers_source = _lookup(config, "workers", str(DEFAULT_WORKERS))
     start_method, start_method_source = _lookup(config, "start_method", DEFAULT_START_METHOD)
     profile, profile_source = _lookup(config, "profile", DEFAULT_PROFILE)
+    shrink_text, shrink_source = _lookup(config, "shrink_seconds", "")
     # None when the hypothesis plugin is off (-p no:hypothesispytest).
     hypothesis_profile = config.getoption("hypothesis_profile", None) or None
 
@@ -265,6 +302,8 @@ def _read_options(config: pytest.Config) -> VcstoreOptions:
         profile=_check_profile(profile, profile_source),
         profile_source=profile_source,
         hypothesis_profile=hypothesis_profile,
+        shrink_seconds=_parse_shrink_seconds(shrink_text, shrink_source),
+        shrink_seconds_source=shrink_source,
     )
 
 
@@ -289,12 +328,20 @@ def pytest_configure(config: pytest.Config) -> None:
     if options.hypothesis_profile is None:
         settings.load_profile(options.profile)
 
+    if options.shrink_seconds is not None:
+        config.stash[_PREVIOUS_SHRINK_KEY] = engine.MAX_SHRINKING_SECONDS
+        # Hypothesis's source marks this module constant as monkeypatchable for another bound.
+        engine.MAX_SHRINKING_SECONDS = options.shrink_seconds
+
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     # Restore the profile for the next pytest run in this process (pytester's inline runs).
     previous = config.stash.get(_PREVIOUS_PROFILE_KEY, None)
     if previous is not None:
         settings.load_profile(previous)
+    shrink_seconds = config.stash.get(_PREVIOUS_SHRINK_KEY, None)
+    if shrink_seconds is not None:
+        engine.MAX_SHRINKING_SECONDS = shrink_seconds
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -308,10 +355,16 @@ def pytest_report_header(config: pytest.Config) -> str | None:
         if options.profile_source != "default":
             profile += f", which wins over {options.profile!r} from {options.profile_source}"
         profile += ")"
-    return (
+    header = (
         f"vcstore: {options.workers} workers ({options.workers_source}), start method "
         f"{options.start_method} ({options.start_method_source}), {profile}"
     )
+    if options.shrink_seconds is not None:
+        header += (
+            f", shrinking bounded at {options.shrink_seconds:g} s "
+            f"({options.shrink_seconds_source})"
+        )
+    return header
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -24,6 +24,7 @@ OBSERVE = """
     import os
 
     from hypothesis import settings
+    from hypothesis.internal.conjecture import engine
 
 
     def test_observe(vcstore_workers):
@@ -38,6 +39,7 @@ OBSERVE = """
             "spawned": b"spawn_main" in command,
             "profile": settings.get_current_profile_name(),
             "max_examples": settings.default.max_examples,
+            "shrink_seconds": engine.MAX_SHRINKING_SECONDS,
         }
         with open("observed.json", "w") as output:
             json.dump(observed, output)
@@ -344,6 +346,18 @@ def test_start_method_option_spawns(pytester):
     assert observed["spawned"] is True
 
 
+def test_shrink_seconds_option_bounds_shrinking(pytester):
+    observed = observe(pytester, "--vcstore-shrink-seconds", "7.5")
+    assert observed["shrink_seconds"] == 7.5
+
+
+def test_shrink_seconds_default_is_hypothesis_own(pytester):
+    from hypothesis.internal.conjecture import engine
+
+    observed = observe(pytester)
+    assert observed["shrink_seconds"] == engine.MAX_SHRINKING_SECONDS
+
+
 def test_profile_option_loads_profile(pytester):
     observed = observe(pytester, "--vcstore-profile", "vcstore-thorough")
     assert observed["profile"] == "vcstore-thorough"
@@ -424,6 +438,8 @@ def test_ini_beats_environment(pytester, monkeypatch):
         (["--vcstore-workers", "many"], "invalid --vcstore-workers value 'many'"),
         (["--vcstore-start-method", "thread"], "invalid --vcstore-start-method value 'thread'"),
         (["--vcstore-profile", "nosuch"], "invalid --vcstore-profile value 'nosuch'"),
+        (["--vcstore-shrink-seconds", "0"], "invalid --vcstore-shrink-seconds value '0'"),
+        (["--vcstore-shrink-seconds", "nan"], "invalid --vcstore-shrink-seconds value 'nan'"),
     ],
 )
 def test_invalid_option_usage_error(pytester, args, message):
