@@ -52,6 +52,17 @@ def preload() -> None:
         _load()
 
 
+def recording() -> bool:
+    """Return whether spans are recorded now, so that a hot path can skip `span`."""
+    if _trace_api is None:
+        if _checked:
+            return False
+        _load()
+        if _trace_api is None:
+            return False
+    return _recording()
+
+
 def span(name: str, path: str, item=None):
     """Return a context manager for a span ``name`` with vcstore's attributes."""
     if _trace_api is None:
