@@ -702,7 +702,8 @@ def _print_report(
                     f"To replay it, subclass vcstore_testing.machines."
                     f"{PROPERTY_MACHINES[result.name]} with store_factory = "
                     f"{_factory_expression(factory)}, name the subclass "
-                    f"{PROPERTY_MACHINES[result.name]}, and run the steps."
+                    f"{PROPERTY_MACHINES[result.name]} as the steps do, and run them with "
+                    f"state.teardown() in a finally block (docs/testing.md, \"Read a failure\")."
                 )
 
     available = [result for result in results if result.passed is not None]

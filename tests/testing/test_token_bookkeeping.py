@@ -26,7 +26,10 @@ SHORT_RUN = settings(
 )
 
 # Finding a failure is enough: shrinking a long failing program is slow.
-FIND_ONLY = settings(SHORT_RUN, max_examples=60, phases=[Phase.explicit, Phase.generate])
+# Hypothesis also draws literal constants from the local modules already
+# imported, so a derandomized run changes with the test files run before it.
+# 60 examples missed the sibling-item bug after test_cli.py; 150 leave room.
+FIND_ONLY = settings(SHORT_RUN, max_examples=150, phases=[Phase.explicit, Phase.generate])
 
 
 class WrappedStore:

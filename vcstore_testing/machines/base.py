@@ -20,9 +20,8 @@ def fail(message: str) -> NoReturn:
     """Raise the AssertionError that reports a broken expectation.
 
     Every check of the machines fails through this one line, outside any
-    ``except`` block. Hypothesis then treats all of them as one failure and
-    reports its shortest program. Otherwise it would shrink each check's
-    failure on its own and report an ExceptionGroup of "distinct failures".
+    ``except`` block, so that hypothesis treats all of them as one failure
+    and reports one shortest program for it.
     """
     raise AssertionError(message)
 

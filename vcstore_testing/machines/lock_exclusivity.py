@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,9 +57,9 @@ from vcstore import Item, ItemNotFoundError, LockTimeoutError, StoreDeletedError
 from ..probe import LOCK_STATES, Prober, blocked_waits, kernel_lists_waiters
 from ..workers import Pending, Worker, WorkerPool
 from .base import StoreMachine, fail
+from .model import LockModel, ModelToken
 
 __all__ = [
-    "HeldToken",
     "ItemLockMachine",
     "LockExclusivityMachine",
     "Outcome",
@@ -89,21 +89,6 @@ EARLY_REPLY_SECONDS = 0.01
 
 # The items that can store data. Item.LOCK has none and is only locked.
 DATA_ITEMS = tuple(item for item in Item if item is not Item.LOCK)
-
-
-@dataclass(frozen=True)
-class HeldToken:
-    """A token that worker *worker* holds, according to the model."""
-
-    worker: int
-    item: Item
-    exclusive: bool
-    # The token that the backend's item_lock returned.
-    backend_token: Any
-
-    def describe(self) -> str:
-        kind = "an exclusive" if self.exclusive else "a shared"
-        return f"worker {self.worker} holds {kind} token {self.backend_token!r} on {self.item!r}"
 
 
 @dataclass(eq=False)
@@ -165,37 +150,6 @@ class ReopeningStore:
         self._store.item_unlock(item, token)
 
 
-# ----------------------------------------------------------------------------
-# The model of held tokens
-
-
-def conflicts_with(tokens: Iterable[HeldToken], item: Item, exclusive: bool) -> list[HeldToken]:
-    """Return the tokens of *tokens* that make a lock request on *item* fail."""
-    return [
-        token
-        for token in tokens
-        if token.item.lock_name == item.lock_name and (exclusive or token.exclusive)
-    ]
-
-
-def expected_state(tokens: Iterable[HeldToken], item: Item) -> str:
-    """Return the lock state that a probe of *item* must find while *tokens* are held."""
-    holders = [token for token in tokens if token.item.lock_name == item.lock_name]
-    if any(token.exclusive for token in holders):
-        return "exclusive"
-    if holders:
-        return "shared"
-    return "free"
-
-
-def holders_text(tokens: Iterable[HeldToken], item: Item) -> str:
-    """Describe who holds *item*'s lock file, for messages."""
-    holders = [token for token in tokens if token.item.lock_name == item.lock_name]
-    if not holders:
-        return "the model holds no token on its lock file"
-    return "; ".join(token.describe() for token in holders)
-
-
 class ItemLockMachine(StoreMachine):
     """Base of the machines that mix try-locks on every item into their rules.
 
@@ -217,7 +171,7 @@ class ItemLockMachine(StoreMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.model: list[HeldToken] = []
+        self.model = LockModel()
         # Workers whose cached store object is the current store's.
         self.opened: set[int] = set()
         # Items whose lock state may have changed since the last probe.
@@ -244,7 +198,7 @@ class ItemLockMachine(StoreMachine):
     def item_lock(self, worker: int, item: Item, exclusive: bool):
         self.steps += 1
         kind = "an exclusive" if exclusive else "a shared"
-        conflicts = conflicts_with(self.model, item, exclusive)
+        conflicts = self.model.conflicts(item, exclusive)
         if self.probe_lock_steps:
             self.touched.add(item)
 
@@ -257,7 +211,7 @@ class ItemLockMachine(StoreMachine):
                 fail(
                     f"worker {worker} could not take {kind} lock on {item!r} with "
                     f"timeout=0, but no token conflicts with it "
-                    f"({holders_text(self.model, item)})"
+                    f"({self.model.holders_text(item)})"
                 )
             return multiple()
 
@@ -265,23 +219,23 @@ class ItemLockMachine(StoreMachine):
         if conflicts:
             fail(
                 f"worker {worker} took {kind} lock on {item!r} although "
-                + "; ".join(conflict.describe() for conflict in conflicts)
+                + "; ".join(conflict.describe_holder() for conflict in conflicts)
                 + " on the same lock file"
             )
-        held_token = HeldToken(worker, item, exclusive, token)
-        self.model.append(held_token)
+        held_token = ModelToken(worker, item, exclusive, token)
+        self.model.add(held_token)
         return held_token
 
     @rule(target=held_tokens, token=consumes(held_tokens))
-    def item_unlock(self, token: HeldToken):
+    def item_unlock(self, token: ModelToken):
         """Release *token* and return the tokens that this release lets waiters take."""
         self.steps += 1
 
         # The token died with its worker or its store, so nothing is left to release.
-        if token not in self.model:
+        if not self.model.holds(token):
             return multiple()
 
-        self._store_worker(token.worker).item_unlock(self.root, token.item, token.backend_token)
+        self._store_worker(token.worker).item_unlock(self.root, token.item, token.value)
         self.model.remove(token)
         if self.probe_lock_steps:
             self.touched.add(token.item)
@@ -289,7 +243,7 @@ class ItemLockMachine(StoreMachine):
         reason = f"worker {token.worker} released its {kind} token on {token.item!r}"
         return multiple(*self._after_release(reason))
 
-    def _after_release(self, reason: str) -> list[HeldToken]:
+    def _after_release(self, reason: str) -> list[ModelToken]:
         """Return the tokens that a release lets blocked requests take.
 
         This base class submits no blocking request, so it returns none.
@@ -307,11 +261,11 @@ class ItemLockMachine(StoreMachine):
         wrong = []
         stricter = False
         for item in items:
-            expected = expected_state(self.model, item)
+            expected = self.model.expected_state(item)
             if found[item] != expected:
                 wrong.append(
                     f"{item!r} is {found[item]}, expected {expected} "
-                    f"({holders_text(self.model, item)})"
+                    f"({self.model.holders_text(item)})"
                 )
                 stricter |= LOCK_STATES.index(found[item]) > LOCK_STATES.index(expected)
         if not wrong:
@@ -336,8 +290,7 @@ class ItemLockMachine(StoreMachine):
         """Start a new process for worker *index* and drop its tokens from the model."""
         self._worker(index).restart()
         self.opened.discard(index)
-        self.touched.update(token.item for token in self.model if token.worker == index)
-        self.model = [token for token in self.model if token.worker != index]
+        self.touched.update(token.item for token in self.model.drop_worker(index))
 
     def _drop_stale_stores(self) -> None:
         """Make every worker drop its store object after the store was deleted.
@@ -349,7 +302,7 @@ class ItemLockMachine(StoreMachine):
         for index in sorted(self.opened):
             self._worker(index).delete(self.root)
         self.opened = set()
-        self.model = []
+        self.model.clear()
         # No token is held now, so no lock state is worth a probe.
         self.touched = set()
 
@@ -399,9 +352,9 @@ class LockExclusivityMachine(ItemLockMachine):
 
     # --- blocking requests left waiting ------------------------------------------
 
-    @precondition(lambda self: self.pending_waiters and bool(self.model))
+    @precondition(lambda self: self.pending_waiters and bool(self.model.held))
     @rule(target=held_tokens, worker=worker_ids, holder=held_tokens, exclusive=st.booleans())
-    def wait_for_lock(self, worker: int, holder: HeldToken, exclusive: bool):
+    def wait_for_lock(self, worker: int, holder: ModelToken, exclusive: bool):
         """Submit a blocking lock request on *holder*'s item, left waiting while it conflicts.
 
         *holder* only picks the item, so that requests often conflict. It may
@@ -410,7 +363,7 @@ class LockExclusivityMachine(ItemLockMachine):
         """
         self.steps += 1
         item = holder.item
-        conflicts = conflicts_with(self.model, item, exclusive)
+        conflicts = self.model.conflicts(item, exclusive)
 
         # With two waiters on one lock file, which one a release lets in
         # depends on timing, so the model allows one.
@@ -470,8 +423,8 @@ class LockExclusivityMachine(ItemLockMachine):
         for waiter in self.waiters:
             if not waiter.pending.done():
                 continue
-            conflicts = conflicts_with(self.model, waiter.item, waiter.exclusive)
-            holders = "; ".join(token.describe() for token in conflicts)
+            conflicts = self.model.conflicts(waiter.item, waiter.exclusive)
+            holders = "; ".join(token.describe_holder() for token in conflicts)
             outcome = Outcome.of(waiter.pending, 0)
             if outcome.error is not None:
                 fail(
@@ -485,32 +438,32 @@ class LockExclusivityMachine(ItemLockMachine):
                 f"blocking request although {holders} on the same lock file"
             )
 
-    def _after_release(self, reason: str) -> list[HeldToken]:
+    def _after_release(self, reason: str) -> list[ModelToken]:
         """Collect the token of every waiter that no held token blocks any more."""
         granted = []
         for waiter in list(self.waiters):
-            if conflicts_with(self.model, waiter.item, waiter.exclusive):
+            if self.model.conflicts(waiter.item, waiter.exclusive):
                 continue
             self.waiters.remove(waiter)
             granted.append(self._collect_grant(waiter, reason))
         return granted
 
-    def _collect_grant(self, waiter: Waiter, reason: str) -> HeldToken:
+    def _collect_grant(self, waiter: Waiter, reason: str) -> ModelToken:
         """Wait for the token that *waiter* must return now, and add it to the model."""
         outcome = self._wait_for_waiter(waiter, lambda: self._check_stuck_waiter(waiter, reason))
         if outcome.blocked:
             fail(
                 f"{waiter.describe()} is still blocked {PROMPT_SECONDS + WAKE_SECONDS:g} s after "
                 f"{reason}, although no token conflicts with it "
-                f"({holders_text(self.model, waiter.item)})"
+                f"({self.model.holders_text(waiter.item)})"
             )
         if outcome.error is not None:
             fail(
                 f"{waiter.describe()} raised {outcome.error_text()} after {reason}, "
                 f"instead of returning a token"
             )
-        held_token = HeldToken(waiter.worker, waiter.item, waiter.exclusive, outcome.value)
-        self.model.append(held_token)
+        held_token = ModelToken(waiter.worker, waiter.item, waiter.exclusive, outcome.value)
+        self.model.add(held_token)
         self.touched.add(waiter.item)
         return held_token
 
@@ -546,7 +499,7 @@ class LockExclusivityMachine(ItemLockMachine):
         fail(
             f"{waiter.describe()} is still blocked after {reason}, and the probe finds "
             f"its lock {found}, although no token conflicts with it "
-            f"({holders_text(self.model, waiter.item)}). The lock may be one that "
+            f"({self.model.holders_text(waiter.item)}). The lock may be one that "
             f"item_unlock did not release, possibly one of the probe's own"
         )
 
@@ -555,7 +508,7 @@ class LockExclusivityMachine(ItemLockMachine):
     @precondition(
         lambda self: self.worker_deaths
         and self.steps % self.death_spacing == 0
-        and bool(self.model or self.waiters)
+        and bool(self.model.held or self.waiters)
     )
     @rule(target=held_tokens, worker=worker_ids)
     def kill_worker(self, worker: int):
@@ -593,7 +546,7 @@ class LockExclusivityMachine(ItemLockMachine):
 
     # Deleting a store that holds no value and no lock adds little, and costs
     # a round trip to every worker.
-    @precondition(lambda self: self.deletes and bool(self.model or self.values))
+    @precondition(lambda self: self.deletes and bool(self.model.held or self.values))
     @rule(worker=worker_ids)
     def delete(self, worker: int):
         """Delete the store; waiters must wake up to StoreDeletedError."""

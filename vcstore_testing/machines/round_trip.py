@@ -45,7 +45,8 @@ from vcstore import Item, ItemNotFoundError, LockTimeoutError
 
 from ..workers import Pending
 from .base import fail
-from .token_bookkeeping import DATA_ITEMS, DeletableStoreMachine, LockModel, ModelToken, article
+from .model import LockModel, ModelToken, article
+from .token_bookkeeping import DATA_ITEMS, DeletableStoreMachine
 
 __all__ = ["RoundTripMachine", "json_leaves", "json_values", "large_value", "same_json"]
 
@@ -67,7 +68,7 @@ READY_POLL_INTERVAL = 0.0002
 LOAD_PAUSE = 0.0001
 
 # Minimum number of steps from one large store to the next.
-LARGE_STEP_SPACING = 5
+LARGE_STEP_SPACING = 10
 
 # Bounds on the loads of store_during_loads: it stops at the first load that
 # returns the new value, and after these many loads or seconds at the latest.
@@ -172,17 +173,20 @@ class RoundTripMachine(DeletableStoreMachine):
 
     - ``worker_deaths`` (default True): the ``kill_worker`` rule.
     - ``large_values`` (default True): values of ``large_value_size`` bytes
-      (default 256 KiB) in ``store_during_loads``, otherwise 16 KiB. With
+      (default 1 MiB) in ``store_during_loads``, otherwise 16 KiB. With
       ``concurrent_readers`` off, the ``store_large`` rule stores them.
     - ``concurrent_readers`` (default True): the ``store_during_loads`` rule.
     - ``deletes`` (default True): the ``delete`` rule.
 
     ``death_spacing`` (default 3) lets ``kill_worker`` run only on steps
     whose number is a multiple of it, because each death starts a new
-    worker process. ``large_value_size`` can go up (1 MiB, say) for a
-    backend whose writes might tear only beyond some size. Any in-place
-    write, whatever its size, leaves a window in which a load can read a
-    partial file.
+    worker process. A smaller ``large_value_size`` makes the machine
+    faster but the torn-write check weaker: the shorter a torn write lasts,
+    the likelier it is that no load lands inside it, or that the replay of
+    a failure misses it (a Flaky error). With a store that rewrites the
+    file in place, on a 2-core machine at load 2, runs at 256 KiB ended in
+    a Flaky error 5 times in 8, and runs at 1 MiB reported the failure 8
+    times in 8.
 
     Large values are built, stored and compared inside the workers, which
     call ``store_factory`` again for the root to get the store, and so does
@@ -196,7 +200,7 @@ class RoundTripMachine(DeletableStoreMachine):
     large_values: bool = True
     concurrent_readers: bool = True
     deletes: bool = True
-    large_value_size: int = 256 * 1024
+    large_value_size: int = 1 << 20
     death_spacing: int = 3
 
     def __init__(self) -> None:
@@ -288,8 +292,8 @@ class RoundTripMachine(DeletableStoreMachine):
                 f"{_preview(expected)}, the value stored last"
             )
 
-    # A large store with loads costs as much as ten other steps, so at most
-    # one step in LARGE_STEP_SPACING is one.
+    # A large store with loads costs as much as twenty other steps, so at
+    # most one step in LARGE_STEP_SPACING is one.
     @precondition(
         lambda self: self.concurrent_readers
         and self.steps >= self.last_large_step + LARGE_STEP_SPACING

@@ -1,0 +1,90 @@
+"""The model of held tokens that the machines share, and the lock states it implies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vcstore import Item
+
+__all__ = ["LockModel", "ModelToken", "article"]
+
+
+@dataclass(eq=False)
+class ModelToken:
+    """A token that ``item_lock`` returned to a worker."""
+
+    worker: int
+    item: Item
+    exclusive: bool
+    # The token object that the backend's item_lock returned.
+    value: Any
+
+    def describe(self) -> str:
+        kind = "exclusive" if self.exclusive else "shared"
+        return f"worker {self.worker}'s {kind} token {self.value!r} for {self.item!r}"
+
+    def describe_holder(self) -> str:
+        """Describe the token as a clause: ``worker 1 holds ...``."""
+        kind = "exclusive" if self.exclusive else "shared"
+        return f"worker {self.worker} holds {article(kind)} token {self.value!r} for {self.item!r}"
+
+
+def article(kind: str) -> str:
+    """Return "an exclusive" or "a shared"."""
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+class LockModel:
+    """The tokens that the workers hold now, and the lock states they imply.
+
+    Each token is its own open file description on the item's lock file, so an
+    exclusive request conflicts with every token on that file (the requesting
+    worker's own included), and a shared request with every exclusive one.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[ModelToken] = []
+
+    def holds(self, token: ModelToken) -> bool:
+        return token in self.held
+
+    def add(self, token: ModelToken) -> None:
+        self.held.append(token)
+
+    def remove(self, token: ModelToken) -> None:
+        self.held.remove(token)
+
+    def of_worker(self, worker: int) -> list[ModelToken]:
+        return [token for token in self.held if token.worker == worker]
+
+    def drop_worker(self, worker: int) -> list[ModelToken]:
+        """Forget and return *worker*'s tokens, which its death or restart released."""
+        dropped = self.of_worker(worker)
+        self.held = [token for token in self.held if token.worker != worker]
+        return dropped
+
+    def clear(self) -> list[ModelToken]:
+        dropped, self.held = self.held, []
+        return dropped
+
+    def on_same_file(self, item: Item) -> list[ModelToken]:
+        return [token for token in self.held if token.item.lock_name == item.lock_name]
+
+    def conflicts(self, item: Item, exclusive: bool) -> list[ModelToken]:
+        """Return the held tokens that make a lock request on *item* fail."""
+        return [token for token in self.on_same_file(item) if exclusive or token.exclusive]
+
+    def expected_state(self, item: Item) -> str:
+        holders = self.on_same_file(item)
+        if any(token.exclusive for token in holders):
+            return "exclusive"
+        if holders:
+            return "shared"
+        return "free"
+
+    def holders_text(self, item: Item) -> str:
+        holders = self.on_same_file(item)
+        if not holders:
+            return "the model holds no token on its lock file"
+        return "; ".join(token.describe_holder() for token in holders)
