@@ -68,7 +68,7 @@ READY_POLL_INTERVAL = 0.0002
 LOAD_PAUSE = 0.0001
 
 # Minimum number of steps from one large store to the next.
-LARGE_STEP_SPACING = 10
+LARGE_STEP_SPACING = 15
 
 # Bounds on the loads of store_during_loads: it stops at the first load that
 # returns the new value, and after these many loads or seconds at the latest.
