@@ -347,7 +347,7 @@ class CrashSafetyMachine(ItemLockMachine):
 
     # Deleting a store that holds no value and no lock adds little, and costs
     # a round trip to every worker.
-    @precondition(lambda self: self.deletes and bool(self.candidates or self.model.held))
+    @precondition(lambda self: self.deletes and bool(self.candidates or self.model.tokens))
     @rule(worker=worker_ids)
     def delete(self, worker: int):
         """Delete the store, after which every worker opens a new, empty one."""

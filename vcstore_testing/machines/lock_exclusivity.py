@@ -352,7 +352,7 @@ class LockExclusivityMachine(ItemLockMachine):
 
     # --- blocking requests left waiting ------------------------------------------
 
-    @precondition(lambda self: self.pending_waiters and bool(self.model.held))
+    @precondition(lambda self: self.pending_waiters and bool(self.model.tokens))
     @rule(target=held_tokens, worker=worker_ids, holder=held_tokens, exclusive=st.booleans())
     def wait_for_lock(self, worker: int, holder: ModelToken, exclusive: bool):
         """Submit a blocking lock request on *holder*'s item, left waiting while it conflicts.
@@ -508,7 +508,7 @@ class LockExclusivityMachine(ItemLockMachine):
     @precondition(
         lambda self: self.worker_deaths
         and self.steps % self.death_spacing == 0
-        and bool(self.model.held or self.waiters)
+        and bool(self.model.tokens or self.waiters)
     )
     @rule(target=held_tokens, worker=worker_ids)
     def kill_worker(self, worker: int):
@@ -546,7 +546,7 @@ class LockExclusivityMachine(ItemLockMachine):
 
     # Deleting a store that holds no value and no lock adds little, and costs
     # a round trip to every worker.
-    @precondition(lambda self: self.deletes and bool(self.model.held or self.values))
+    @precondition(lambda self: self.deletes and bool(self.model.tokens or self.values))
     @rule(worker=worker_ids)
     def delete(self, worker: int):
         """Delete the store; waiters must wake up to StoreDeletedError."""

@@ -44,32 +44,32 @@ class LockModel:
     """
 
     def __init__(self) -> None:
-        self.held: list[ModelToken] = []
+        self.tokens: list[ModelToken] = []
 
     def holds(self, token: ModelToken) -> bool:
-        return token in self.held
+        return token in self.tokens
 
     def add(self, token: ModelToken) -> None:
-        self.held.append(token)
+        self.tokens.append(token)
 
     def remove(self, token: ModelToken) -> None:
-        self.held.remove(token)
+        self.tokens.remove(token)
 
     def of_worker(self, worker: int) -> list[ModelToken]:
-        return [token for token in self.held if token.worker == worker]
+        return [token for token in self.tokens if token.worker == worker]
 
     def drop_worker(self, worker: int) -> list[ModelToken]:
         """Forget and return *worker*'s tokens, which its death or restart released."""
         dropped = self.of_worker(worker)
-        self.held = [token for token in self.held if token.worker != worker]
+        self.tokens = [token for token in self.tokens if token.worker != worker]
         return dropped
 
     def clear(self) -> list[ModelToken]:
-        dropped, self.held = self.held, []
+        dropped, self.tokens = self.tokens, []
         return dropped
 
     def on_same_file(self, item: Item) -> list[ModelToken]:
-        return [token for token in self.held if token.item.lock_name == item.lock_name]
+        return [token for token in self.tokens if token.item.lock_name == item.lock_name]
 
     def conflicts(self, item: Item, exclusive: bool) -> list[ModelToken]:
         """Return the held tokens that make a lock request on *item* fail."""

@@ -402,7 +402,7 @@ class RoundTripMachine(DeletableStoreMachine):
     @precondition(
         lambda self: self.worker_deaths
         and self.steps % self.death_spacing == 0
-        and bool(self.locks.held)
+        and bool(self.locks.tokens)
     )
     @rule(worker=worker_ids)
     def kill_worker(self, worker: int):

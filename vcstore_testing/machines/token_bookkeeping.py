@@ -330,7 +330,7 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
     @precondition(
         lambda self: self.worker_deaths
         and self.steps % self.death_spacing == 0
-        and bool(self.model.held)
+        and bool(self.model.tokens)
     )
     @rule(worker=worker_ids)
     def kill_worker(self, worker: int):
@@ -342,7 +342,7 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
 
     # A store matters here while tokens are held: it replaces a data file,
     # which must hold no lock, and it must leak no descriptor.
-    @precondition(lambda self: bool(self.model.held))
+    @precondition(lambda self: bool(self.model.tokens))
     @rule(worker=worker_ids, item=st.sampled_from(DATA_ITEMS))
     def store(self, worker: int, item: Item):
         self.steps += 1
@@ -350,13 +350,13 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
         self.touched_items.add(item)
         self._acting_worker(worker).store(self.target, item, {"step": self.steps})
 
-    @precondition(lambda self: self.deletes and len({t.worker for t in self.model.held}) == 1)
+    @precondition(lambda self: self.deletes and len({t.worker for t in self.model.tokens}) == 1)
     @rule(worker=worker_ids)
     def delete(self, worker: int):
         """Delete the store, which must release the deleting worker's tokens."""
         self.steps += 1
         # Another worker's token would outlive its store (see the class docstring).
-        if self.model.held[0].worker != worker:
+        if self.model.tokens[0].worker != worker:
             return
         self._touch(worker, Item)
         self._acting_worker(worker).delete(self.target)
