@@ -9,6 +9,7 @@ import os
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.errors import Flaky
 from hypothesis.stateful import run_state_machine_as_test
 
 import vcstore
@@ -65,6 +66,12 @@ CAUGHT_BY = {
 }
 
 
+# Whether a load lands inside a torn write depends on scheduling. When the
+# replay of a failing program tears at another step or not at all, hypothesis
+# raises a Flaky error instead of the AssertionError, and that is a catch too.
+TIMING_CATCHES = {"in_place_store": (AssertionError, Flaky)}
+
+
 def machine_class(name):
     return getattr(machines, MACHINES[name])
 
@@ -95,7 +102,7 @@ def test_mutant_overrides_existing_methods(tmp_path, mutant):
 def test_machine_catches_mutant(tmp_path, mutant):
     machine = bound_machine(CAUGHT_BY[mutant], MUTANTS[mutant], tmp_path)
 
-    with pytest.raises(AssertionError):
+    with pytest.raises(TIMING_CATCHES.get(mutant, AssertionError)):
         run_state_machine_as_test(machine, settings=FAST)
 
 

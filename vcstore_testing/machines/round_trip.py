@@ -14,8 +14,9 @@ load must return the old value or the new one, never a partial file and
 never `vcstore.CorruptItemError`. The store starts only once the loads run, and the
 readers sleep briefly between loads, so that the scheduler runs them during
 the store. Whether a load lands inside a short torn write still depends on
-scheduling: hypothesis then reports a failure whose replay passed as a
-`hypothesis.errors.Flaky` error.
+scheduling. When the replay of a failing program tears at another step, or
+not at all, hypothesis reports a `hypothesis.errors.Flaky` error
+(`FlakyFailure` or `FlakyStrategyDefinition`) instead of the AssertionError.
 
 Item locks are mixed in and never stop a load or a store, because data files
 are never locked. Deletes (which empty the store) and worker deaths are
