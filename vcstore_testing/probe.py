@@ -130,16 +130,19 @@ def blocked_waits() -> Counter:
     return waits
 
 
-def wait_until_blocked(pid: int, count: int = 1, timeout: float = 1.0) -> bool:
+def wait_until_blocked(
+    pid: int, count: int = 1, timeout: float = 1.0, until: Callable[[], bool] | None = None
+) -> bool:
     """Wait until process *pid* is blocked in at least *count* lock requests.
 
     Returns True once ``/proc/locks`` shows them, False after *timeout*
-    seconds. A test uses it to act on a waiter only once it sits in the
-    kernel's queue, not still on its way there.
+    seconds or as soon as *until* (if given) returns True. A test uses it to
+    act on a waiter only once it sits in the kernel's queue, not still on
+    its way there; *until* stops the wait for a waiter that returned instead.
     """
     deadline = time.monotonic() + timeout
     while blocked_waits()[pid] < count:
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or (until is not None and until()):
             return False
         time.sleep(_POLL_SECONDS)
     return True

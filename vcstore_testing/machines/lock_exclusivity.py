@@ -44,7 +44,6 @@ A downstream project checks its own backend by subclassing::
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,9 +51,9 @@ from typing import Any
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, consumes, invariant, multiple, precondition, rule
 
-from vcstore import Item, ItemNotFoundError, LockTimeoutError, StoreDeletedError
+from vcstore import Item, ItemNotFoundError, StoreDeletedError
 
-from ..probe import LOCK_STATES, Prober, blocked_waits, kernel_lists_waiters
+from ..probe import LOCK_STATES, Prober, kernel_lists_waiters, wait_until_blocked
 from ..workers import Pending, Worker, WorkerPool
 from .base import StoreMachine, fail
 from .model import LockModel, ModelToken
@@ -197,32 +196,12 @@ class ItemLockMachine(StoreMachine):
     )
     def item_lock(self, worker: int, item: Item, exclusive: bool):
         self.steps += 1
-        kind = "an exclusive" if exclusive else "a shared"
-        conflicts = self.model.conflicts(item, exclusive)
         if self.probe_lock_steps:
             self.touched.add(item)
 
-        try:
-            token = self._store_worker(worker).item_lock(self.root, item, exclusive, timeout=0)
-        except LockTimeoutError:
-            token = LockTimeoutError
-        if token is LockTimeoutError:
-            if not conflicts:
-                fail(
-                    f"worker {worker} could not take {kind} lock on {item!r} with "
-                    f"timeout=0, but no token conflicts with it "
-                    f"({self.model.holders_text(item)})"
-                )
+        held_token = self.model.try_lock(self._store_worker(worker), self.root, worker, item, exclusive)
+        if held_token is None:
             return multiple()
-
-        # Two holders where one is exclusive: the bug this machine hunts.
-        if conflicts:
-            fail(
-                f"worker {worker} took {kind} lock on {item!r} although "
-                + "; ".join(conflict.describe_holder() for conflict in conflicts)
-                + " on the same lock file"
-            )
-        held_token = ModelToken(worker, item, exclusive, token)
         self.model.add(held_token)
         return held_token
 
@@ -407,16 +386,14 @@ class LockExclusivityMachine(ItemLockMachine):
 
         pid = self._worker(waiter.worker).pid
         count = 1 + sum(1 for other in self.waiters if other.worker == waiter.worker)
-        deadline = time.monotonic() + BLOCK_SECONDS
-        while not waiter.pending.wait(0.0005):
-            if blocked_waits()[pid] >= count:
-                return
-            if time.monotonic() >= deadline:
-                fail(
-                    f"{waiter.describe()} neither returned nor blocked in the kernel "
-                    f"within {BLOCK_SECONDS:g} s. If the backend waits by polling, set "
-                    f"kernel_waits = False on the machine"
-                )
+        if wait_until_blocked(pid, count, BLOCK_SECONDS, until=waiter.pending.done):
+            return
+        if not waiter.pending.done():
+            fail(
+                f"{waiter.describe()} neither returned nor blocked in the kernel "
+                f"within {BLOCK_SECONDS:g} s. If the backend waits by polling, set "
+                f"kernel_waits = False on the machine"
+            )
 
     @invariant()
     def waiters_still_blocked(self) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vcstore import Item
+from vcstore import Item, LockTimeoutError
+
+from .base import fail
 
 __all__ = ["LockModel", "ModelToken", "article"]
 
@@ -88,3 +90,34 @@ class LockModel:
         if not holders:
             return "the model holds no token on its lock file"
         return "; ".join(token.describe_holder() for token in holders)
+
+    def try_lock(self, acting: Any, target: Any, worker: int, item: Item, exclusive: bool) -> ModelToken | None:
+        """Try-lock *item* through worker process *acting* and check the outcome.
+
+        The request (``timeout=0``) must fail exactly when a held token
+        conflicts with it. Returns the new token, which the caller adds to
+        the model, or None when the lock was held, as predicted.
+        """
+        kind = article("exclusive" if exclusive else "shared")
+        conflicts = self.conflicts(item, exclusive)
+        try:
+            value = acting.item_lock(target, item, exclusive, timeout=0)
+        except LockTimeoutError:
+            value = LockTimeoutError
+
+        if value is LockTimeoutError:
+            if not conflicts:
+                fail(
+                    f"worker {worker} could not take {kind} lock on {item!r} with "
+                    f"timeout=0, but no token conflicts with it ({self.holders_text(item)})"
+                )
+            return None
+
+        # Two holders where one is exclusive: the bug that every lock check hunts.
+        if conflicts:
+            fail(
+                f"worker {worker} took {kind} lock on {item!r} although "
+                + "; ".join(conflict.describe_holder() for conflict in conflicts)
+                + " on the same lock file"
+            )
+        return ModelToken(worker, item, exclusive, value)

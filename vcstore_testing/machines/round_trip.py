@@ -42,11 +42,11 @@ from typing import Any
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, consumes, invariant, multiple, precondition, rule
 
-from vcstore import Item, ItemNotFoundError, LockTimeoutError
+from vcstore import Item, ItemNotFoundError
 
 from ..workers import Pending
 from .base import fail
-from .model import LockModel, ModelToken, article
+from .model import LockModel, ModelToken
 from .token_bookkeeping import DATA_ITEMS, DeletableStoreMachine
 
 __all__ = ["RoundTripMachine", "json_leaves", "json_values", "large_value", "same_json"]
@@ -354,26 +354,9 @@ class RoundTripMachine(DeletableStoreMachine):
     @rule(target=held_tokens, worker=worker_ids, item=st.sampled_from(Item), exclusive=st.booleans())
     def item_lock(self, worker: int, item: Item, exclusive: bool):
         self.steps += 1
-        conflicts = self.locks.conflicts(item, exclusive)
-        kind = "exclusive" if exclusive else "shared"
-        try:
-            value = self._worker(worker).item_lock(self.target, item, exclusive, timeout=0)
-        except LockTimeoutError:
-            value = LockTimeoutError
-        if value is LockTimeoutError:
-            if not conflicts:
-                fail(
-                    f"worker {worker} could not take {article(kind)} lock on {item!r} with "
-                    f"timeout=0, but no token conflicts with it ({self.locks.holders_text(item)})"
-                )
+        token = self.locks.try_lock(self._worker(worker), self.target, worker, item, exclusive)
+        if token is None:
             return multiple()
-        if conflicts:
-            fail(
-                f"worker {worker} took {article(kind)} lock on {item!r} although "
-                + "; ".join(conflict.describe_holder() for conflict in conflicts)
-                + " on the same lock file"
-            )
-        token = ModelToken(worker, item, exclusive, value)
         self.locks.add(token)
         return token
 

@@ -53,12 +53,12 @@ from typing import Any
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, consumes, invariant, multiple, precondition, rule
 
-from vcstore import Item, LockTimeoutError, UnknownTokenError
+from vcstore import Item, UnknownTokenError
 
 from ..probe import LOCK_STATES
 from ..workers import Worker, WorkerError
 from .base import StoreMachine, fail
-from .model import LockModel, ModelToken, article
+from .model import LockModel, ModelToken
 
 __all__ = [
     "DeletableStoreMachine",
@@ -205,31 +205,14 @@ class TokenBookkeepingMachine(DeletableStoreMachine):
     @rule(target=held_tokens, worker=worker_ids, item=st.sampled_from(Item), exclusive=st.booleans())
     def item_lock(self, worker: int, item: Item, exclusive: bool):
         self.steps += 1
-        kind = "exclusive" if exclusive else "shared"
-        conflicts = self.model.conflicts(item, exclusive)
         # LockExclusivityMachine probes the lock states after each lock. Here
         # the descriptor count shows whether a lock was taken or leaked.
         self.touched_workers.add(worker)
 
-        try:
-            value = self._acting_worker(worker).item_lock(self.target, item, exclusive, timeout=0)
-        except LockTimeoutError:
-            value = LockTimeoutError
-        if value is LockTimeoutError:
-            if not conflicts:
-                fail(
-                    f"worker {worker} could not take {article(kind)} lock on {item!r} with "
-                    f"timeout=0, but no token conflicts with it ({self.model.holders_text(item)})"
-                )
+        acting = self._acting_worker(worker)
+        token = self.model.try_lock(acting, self.target, worker, item, exclusive)
+        if token is None:
             return multiple()
-
-        if conflicts:
-            fail(
-                f"worker {worker} took {article(kind)} lock on {item!r} although "
-                + "; ".join(conflict.describe_holder() for conflict in conflicts)
-                + " on the same lock file"
-            )
-        token = ModelToken(worker, item, exclusive, value)
         self._check_unique(token)
         self.model.add(token)
         return token
