@@ -65,13 +65,7 @@ def recording() -> bool:
 
 def span(name: str, path: str, item=None):
     """Return a context manager for a span ``name`` with vcstore's attributes."""
-    if _trace_api is None:
-        if _checked:
-            return _NO_SPAN
-        _load()
-        if _trace_api is None:
-            return _NO_SPAN
-    if not _recording():
+    if not recording():
         return _NO_SPAN
 
     attributes = {"vcstore.path": path}
