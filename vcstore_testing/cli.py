@@ -468,8 +468,7 @@ class _Tally:
         else:
             # Past max_examples, hypothesis runs test cases only to shrink a failure.
             count = f"{self.test_cases} examples (shrinking a failure)"
-        text = f"{count}, {self.steps} steps, {time.monotonic() - self.start:.1f} s"
-        text = f"{self.name}: {text}"
+        text = f"{self.name}: {count}, {self.steps} steps, {time.monotonic() - self.start:.1f} s"
         if self.tty:
             print("\r" + text + ("\n" if final else ""), end="", file=sys.stderr, flush=True)
         else:
@@ -590,15 +589,13 @@ _SLOW_SHRINK_WARNING = "WARNING: Hypothesis has spent more than"
 @contextlib.contextmanager
 def _shrinking_bounded(seconds: float):
     """Bound the time hypothesis spends shrinking a failure, for the ``with`` block."""
-    # Hypothesis's source marks this module constant as monkeypatchable for another bound.
-    from hypothesis.internal.conjecture import engine
+    from .shrinking import set_shrink_bound
 
-    saved = engine.MAX_SHRINKING_SECONDS
-    engine.MAX_SHRINKING_SECONDS = seconds
+    previous = set_shrink_bound(seconds)
     try:
         yield
     finally:
-        engine.MAX_SHRINKING_SECONDS = saved
+        set_shrink_bound(previous)
 
 
 def _counting_teardown(base: type, tally: _Tally) -> Callable[[Any], None]:

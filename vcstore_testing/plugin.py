@@ -54,7 +54,8 @@ pytest.register_assert_rewrite(
 
 from hypothesis import HealthCheck, settings  # noqa: E402 (after the rewrite hook)
 from hypothesis.errors import InvalidArgument  # noqa: E402
-from hypothesis.internal.conjecture import engine  # noqa: E402
+
+from .shrinking import set_shrink_bound  # noqa: E402
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -329,9 +330,7 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.load_profile(options.profile)
 
     if options.shrink_seconds is not None:
-        config.stash[_PREVIOUS_SHRINK_KEY] = engine.MAX_SHRINKING_SECONDS
-        # Hypothesis's source marks this module constant as monkeypatchable for another bound.
-        engine.MAX_SHRINKING_SECONDS = options.shrink_seconds
+        config.stash[_PREVIOUS_SHRINK_KEY] = set_shrink_bound(options.shrink_seconds)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -341,7 +340,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         settings.load_profile(previous)
     shrink_seconds = config.stash.get(_PREVIOUS_SHRINK_KEY, None)
     if shrink_seconds is not None:
-        engine.MAX_SHRINKING_SECONDS = shrink_seconds
+        set_shrink_bound(shrink_seconds)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
